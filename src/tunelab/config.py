@@ -1,0 +1,276 @@
+"""The one typed config every command reads: YAML recipe + `a.b=c` overrides, validated up front.
+
+Every key is declared here with its default and one docstring; unknown keys and bad values
+fail before any model loads, all errors reported together with the field path and the fix.
+This module imports no torch/transformers so `--help` and validation stay fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tunelab.errors import TunelabError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
+
+class RunConfig(_Section):
+    name: str = "run"
+    """Run name; also the W&B run name."""
+    dir: str | None = None
+    """Run folder; default `runs/<name>`."""
+    seed: int = 42
+    """Seed for data splits, shuffling, LoRA init and dropout."""
+
+    @property
+    def path(self) -> Path:
+        return Path(self.dir) if self.dir else Path("runs") / self.name
+
+
+class ModelConfig(_Section):
+    name: str = "embedded"
+    """Hub id, local model folder, `.gguf` file, a previous run folder, or `embedded` (SmolLM2-135M-Instruct)."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights dtype; `auto` = bfloat16 on a GPU that supports it, else float32."""
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    """Attention kernel; both keep packed samples isolated."""
+    trust_remote_code: bool = False
+    """Allow model code from the Hub (off by default: it runs arbitrary code)."""
+
+
+class QuantizationConfig(_Section):
+    bits: Literal[4, 8] | None = None
+    """Load the frozen base in 4-bit (QLoRA) or 8-bit via bitsandbytes; null = no quantization."""
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type (NF4 from the QLoRA paper, Dettmers et al. 2023)."""
+    double_quant: bool = True
+    """Quantize the quantization constants too (saves ~0.4 bit/param)."""
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """Dtype of the dequantized matmuls; `auto` follows the training precision."""
+
+
+class PeftConfig(_Section):
+    method: Literal["lora", "dora", "full"] = "lora"
+    """`lora`, `dora` (weight-decomposed LoRA) or `full` fine-tuning (no adapter)."""
+    r: int = Field(16, ge=1)
+    """LoRA rank."""
+    alpha: float = Field(32, gt=0)
+    """LoRA scaling numerator (scale = alpha / r)."""
+    dropout: float = Field(0.05, ge=0, lt=1)
+    """Dropout on the LoRA input."""
+    target_modules: str | list[str] = "all-linear"
+    """`all-linear` or a list of module names such as [q_proj, v_proj]."""
+
+
+class DataConfig(_Section):
+    adapter: str = "custom"
+    """Dataset adapter: samsum, cnn_dailymail, openorca, guanaco, alpaca or custom."""
+    source: str | None = None
+    """Hub dataset id, a local file, or a folder with train/validation/test files."""
+    subset: str | None = None
+    """Hub dataset config name (e.g. `3.0.0` for cnn_dailymail)."""
+    fields: dict[str, str] | None = None
+    """For `custom`: {prompt: col, completion: col, system: col} or {messages: col}."""
+    bad_rows: Literal["error", "skip"] = "error"
+    """Malformed rows: `error` stops naming file/line/field; `skip` drops and counts them."""
+    max_length: int = Field(1024, ge=16)
+    """Longest sequence in tokens (a packed row, or one padded sample)."""
+    overlong: Literal["drop", "truncate"] = "drop"
+    """Samples longer than max_length: `drop` (counted, warned) or `truncate` (cut at the end)."""
+    batching: Literal["packing", "padding"] = "packing"
+    """`packing`: samples share rows, never split, never attend to each other. `padding`: right-padded, length-grouped."""
+    completion_only_loss: bool = True
+    """Loss only on assistant turns (the completion); false = also on the prompt."""
+    validation_fraction: float = Field(0.1, gt=0, lt=1)
+    """Held-out share of the training data when the source has no validation split."""
+    test_fraction: float = Field(0.0, ge=0, lt=1)
+    """Held-out test share (carved out when the source has no test split; never used in training)."""
+    max_train_samples: int | None = Field(None, ge=1)
+    """Use at most this many training samples (after the split; seeded shuffle)."""
+    max_eval_samples: int | None = Field(None, ge=1)
+    """Use at most this many validation samples."""
+    num_proc: int | None = Field(None, ge=1)
+    """Worker processes for tokenization; default: the number of CPU cores."""
+
+
+class EarlyStoppingConfig(_Section):
+    patience: int = Field(3, ge=1)
+    """Evaluations without improvement before stopping."""
+    threshold: float = Field(0.0, ge=0)
+    """Minimum decrease of validation loss that counts as an improvement."""
+
+
+class TrainConfig(_Section):
+    epochs: float = Field(1.0, gt=0)
+    """Passes over the training data (ignored when max_steps is set)."""
+    max_steps: int | None = Field(None, ge=1)
+    """Stop after this many optimizer steps."""
+    batch_size: int = Field(8, ge=1)
+    """Rows per device per micro-step (a packed row holds several samples)."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro-steps per optimizer step."""
+    lr: float = Field(2e-4, gt=0)
+    """Peak learning rate."""
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    """Learning-rate schedule after warmup."""
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    """Share of steps spent warming up."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    max_grad_norm: float = Field(1.0, gt=0)
+    """Gradient clipping norm."""
+    optim: str = "adamw_torch"
+    """Optimizer name as transformers knows it (e.g. paged_adamw_8bit for QLoRA on a GPU)."""
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Mixed precision; `auto` = bf16 where the GPU supports it, else fp32."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    logging_steps: int = Field(1, ge=1)
+    """Log train loss every N steps."""
+    eval_every: int | None = Field(None, ge=1)
+    """Validate every N steps (null = only before and after training)."""
+    save_every: int | None = Field(None, ge=1)
+    """Checkpoint every N steps (null = at eval steps, or at the end)."""
+    save_total_limit: int | None = Field(2, ge=1)
+    """Keep at most this many checkpoints."""
+    early_stopping: EarlyStoppingConfig | None = None
+    """Stop when validation loss stops improving (needs eval_every)."""
+    resume: bool = False
+    """Continue from the last checkpoint in the run folder (the CLI's --resume)."""
+
+
+class EvalConfig(_Section):
+    before: bool = True
+    """Evaluate the untouched model on the validation rows before training."""
+    generation_samples: int = Field(16, ge=0)
+    """Validation rows to generate for task metrics and samples.jsonl (0 = none)."""
+    max_new_tokens: int = Field(128, ge=1)
+    """Generation length limit for task metrics."""
+    metrics: list[Literal["exact_match", "rouge_l", "rouge", "field_accuracy"]] = ["exact_match", "rouge_l"]
+    """Task metrics computed on the generations."""
+    batch_size: int = Field(8, ge=1)
+    """Batch size for validation loss and generation."""
+
+
+class TrackingConfig(_Section):
+    wandb: bool = False
+    """Log to Weights & Biases (offline automatically when no API key is set)."""
+    project: str = "tunelab"
+    """W&B project."""
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = []
+    """Extra trainer integrations, passed through."""
+
+
+class Config(_Section):
+    run: RunConfig = RunConfig()
+    model: ModelConfig = ModelConfig()
+    quantization: QuantizationConfig = QuantizationConfig()
+    peft: PeftConfig = PeftConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        problems = []
+        if self.data.source is None:
+            problems.append("data.source: required (a Hub dataset id, a file or a folder)")
+        if self.data.adapter == "custom" and not self.data.fields:
+            problems.append("data.fields: required for data.adapter=custom, e.g. {prompt: question, completion: answer}")
+        if self.quantization.bits and self.peft.method == "full":
+            problems.append(
+                "quantization.bits: a quantized base cannot be fully fine-tuned; use peft.method=lora (QLoRA) "
+                "or set quantization.bits=null"
+            )
+        if self.train.early_stopping and not self.train.eval_every:
+            problems.append("train.early_stopping: needs train.eval_every (validation every N steps)")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def method(self) -> str:
+        """The name users know: full, lora, dora, qlora (4-bit base) or lora-8bit."""
+        if self.peft.method == "full":
+            return "full"
+        if self.quantization.bits == 4:
+            return "qdora" if self.peft.method == "dora" else "qlora"
+        if self.quantization.bits == 8:
+            return f"{self.peft.method}-8bit"
+        return self.peft.method
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=c` → (["a", "b"], value parsed as YAML, so 3 → int, true → bool, [1,2] → list)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise TunelabError(f"override {text!r}: expected key.sub=value, e.g. train.max_steps=20")
+    value = yaml.safe_load(raw) if raw.strip() else None
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise TunelabError(f"override {text!r}: {part} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def _format_errors(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid config ({origin}):"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key; check the spelling (see recipes/ and the README for the keys)"
+        elif e["type"] == "literal_error":
+            msg = f"got {e['input']!r}; allowed: {e['ctx']['expected']}"
+        elif e["type"] == "value_error":
+            msg = str(e["ctx"]["error"])
+        else:
+            msg = f"{e['msg']} (got {e['input']!r})"
+        lines.append(f"  - {field}: {msg}" if field != "(top level)" else f"  - {msg}")
+    return "\n".join(lines)
+
+
+def build_config(data: dict, origin: str = "config") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise TunelabError(_format_errors(err, origin)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a recipe (may be None: defaults only), apply `a.b=c` overrides, validate everything."""
+    data: dict = {}
+    origin = "command line"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise TunelabError(f"recipe {path}: no such file")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise TunelabError(f"recipe {path}: not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise TunelabError(f"recipe {path}: expected a mapping of sections (run, model, data, ...)")
+        origin = str(path) + (" + overrides" if overrides else "")
+    return build_config(apply_overrides(data, list(overrides)), origin)
+
+
+def dump_config(config: Config) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,69 @@
+"""Loss and perplexity curves from metrics.jsonl records, as PNGs for the run folder.
+
+Figures are built with matplotlib's object API (`Figure`), not pyplot: it renders with the
+Agg canvas, never opens a window, keeps no global figure registry to leak, and leaves the
+process-wide backend alone (the toolkit may run inside a notebook).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+# (records key, legend label, line style)
+_LOSS_SERIES = (("loss", "train", "-"), ("eval_loss", "validation", "o-"))
+_PPL_SERIES = (("train_perplexity", "train", "-"), ("perplexity", "validation", "o-"))
+# Above this max/min ratio a linear axis flattens the interesting end of the curve.
+_LOG_SCALE_RATIO = 20.0
+
+
+def _points(records: Iterable[dict], key: str) -> tuple[list[float], list[float]]:
+    """(steps, values) of the records that carry a finite `key` value."""
+    steps, values = [], []
+    for r in records:
+        v = r.get(key)
+        if isinstance(v, (int, float)) and math.isfinite(v) and r.get("step") is not None:
+            steps.append(r["step"])
+            values.append(v)
+    return steps, values
+
+
+def _plot(records: list[dict], series, title: str, ylabel: str, path: Path) -> Path | None:
+    """Draw the series that have points; write nothing and return None if none has."""
+    curves = [(label, style, *_points(records, key)) for key, label, style in series]
+    curves = [c for c in curves if c[2]]
+    if not curves:
+        return None
+    fig = Figure(figsize=(6, 4), dpi=100)
+    ax = fig.subplots()
+    for label, style, steps, values in curves:
+        ax.plot(steps, values, style, label=label, markersize=3)
+    values = [v for c in curves for v in c[3]]
+    if min(values) > 0 and max(values) / min(values) > _LOG_SCALE_RATIO:
+        ax.set_yscale("log")
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def plot_metrics(records: list[dict], out_dir: str | os.PathLike) -> list[Path]:
+    """Write loss.png and perplexity.png into `out_dir`; a plot with no points is skipped.
+
+    Returns the paths written.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [
+        _plot(records, _LOSS_SERIES, "Loss", "cross-entropy loss", out_dir / "loss.png"),
+        _plot(records, _PPL_SERIES, "Perplexity", "perplexity", out_dir / "perplexity.png"),
+    ]
+    return [p for p in written if p is not None]

@@ -1,0 +1,91 @@
+"""The transformers Trainer, plus only what tunelab adds to it.
+
+- `evaluate` reports token-weighted validation loss and perplexity (the stock loop averages
+  per-batch means), so early stopping and best-checkpoint selection use the number we report.
+- `training_step` stops on a non-finite loss *before* the optimizer applies it, naming the
+  step, so the last checkpoint stays good.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from tunelab.config import Config
+from tunelab.errors import TunelabError
+from tunelab.evals.loss import loss_sums, summarize
+from tunelab.models.build import has_cuda
+
+
+class TunelabTrainer(Trainer):
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
+        start = time.time()
+        total, count = loss_sums(self.model, self.get_eval_dataloader(eval_dataset))
+        total = self.accelerator.reduce(total, "sum").item()
+        count = self.accelerator.reduce(count, "sum").item()
+        result = summarize(total, count)
+        metrics = {
+            f"{metric_key_prefix}_loss": result["loss"],
+            f"{metric_key_prefix}_perplexity": result["perplexity"],
+            f"{metric_key_prefix}_tokens": result["tokens"],
+            f"{metric_key_prefix}_runtime": round(time.time() - start, 3),
+        }
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not math.isfinite(loss.item()):
+            raise TunelabError(
+                f"training stopped: the loss became {loss.item()} at step {self.state.global_step + 1}; "
+                f"the last good checkpoint is kept in {self.args.output_dir}. "
+                "Lower train.lr, check the data, or use train.precision=fp32/bf16 instead of fp16."
+            )
+        return loss
+
+
+def training_arguments(cfg: Config, checkpoints: str, report_to: list[str]) -> TrainingArguments:
+    t = cfg.train
+    save_every = t.save_every or t.eval_every
+    cuda = has_cuda()
+    bf16 = cuda and t.precision in ("auto", "bf16") and torch.cuda.is_bf16_supported()
+    return TrainingArguments(
+        output_dir=checkpoints,
+        run_name=cfg.run.name,
+        seed=cfg.run.seed,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=cfg.eval.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.lr,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio of total steps in transformers 5
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optim,
+        bf16=bf16,
+        fp16=cuda and t.precision == "fp16",
+        use_cpu=not cuda,
+        logging_steps=t.logging_steps,
+        eval_strategy="steps" if t.eval_every else "no",
+        eval_steps=t.eval_every,
+        save_strategy="steps" if save_every else "no",
+        save_steps=save_every,
+        save_total_limit=t.save_total_limit,
+        load_best_model_at_end=t.early_stopping is not None,
+        metric_for_best_model="eval_loss" if t.early_stopping else None,
+        greater_is_better=False if t.early_stopping else None,
+        train_sampling_strategy="group_by_length" if cfg.data.batching == "padding" else "random",
+        length_column_name="length",
+        report_to=report_to,
+        dataloader_num_workers=0,
+        # We pass labels ourselves; keep position_ids and friends.
+        remove_unused_columns=True,
+        label_names=["labels"],
+        disable_tqdm=False,
+    )
