@@ -91,6 +91,11 @@ def build_trainer(cfg: Config, model, tokenizer, data, run_dir: Path, resume_ste
 
 
 def train(trainer, resume_from: Path | None) -> dict:
+    from transformers import set_seed
+
+    # The shuffle order is drawn from the global RNG when training starts; re-seed so it does not
+    # depend on what ran before (the before-evaluation, which a resumed run skips).
+    set_seed(trainer.args.seed)
     start = time.time()
     try:
         output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -110,7 +115,10 @@ def run(cfg: Config) -> RunResult:
     from tunelab.tracking.report import write_report
     from tunelab.tracking.wandb_setup import finish_wandb
 
+    from transformers import set_seed
+
     run_dir, resume_from = open_run_dir(cfg)
+    set_seed(cfg.run.seed)  # LoRA's A matrices and new embedding rows are drawn from the global RNG
     model, tokenizer = load_for_training(cfg)
     data = prepare(cfg.data, tokenizer, cfg.run.seed)
     write_json(run_dir / "data_stats.json", data.stats)
@@ -132,8 +140,8 @@ def run(cfg: Config) -> RunResult:
         before, before_rows = {}, []
 
     timing = train(trainer, resume_from)
-    finish_wandb()  # flush the offline W&B run before the report reads the folder
     after, after_rows = evaluate(trainer, model, tokenizer, cfg, data.eval_examples, "after")
+    finish_wandb()  # transformers never closes its W&B run; flush it before the report
 
     out = save_trained(trainer.model, tokenizer, run_dir, full=cfg.peft.method == "full")
     write_samples(run_dir / "samples.jsonl", before_rows, after_rows)

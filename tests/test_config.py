@@ -1,0 +1,74 @@
+"""Config: YAML + overrides, every error named by field with the allowed values, before any model loads."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import REPO
+from tunelab.cli import main
+from tunelab.config import Config, load_config
+from tunelab.errors import TunelabError
+
+
+def _recipe(tmp_path, text: str):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_overrides_are_typed_and_nested(tmp_path):
+    cfg = load_config(_recipe(tmp_path, "data: {adapter: samsum, source: x}\n"),
+                      ["train.max_steps=20", "peft.target_modules=[q_proj, v_proj]", "train.lr=1e-3",
+                       "train.early_stopping.patience=2", "train.eval_every=5"])
+    assert cfg.train.max_steps == 20
+    assert cfg.peft.target_modules == ["q_proj", "v_proj"]
+    assert cfg.train.lr == 1e-3
+    assert cfg.train.early_stopping.patience == 2
+
+
+def test_all_errors_reported_together_with_field_and_allowed_values(tmp_path):
+    with pytest.raises(TunelabError) as err:
+        load_config(_recipe(tmp_path, "data: {adapter: samsum, source: x, batching: pack}\ntrain: {lr: -1, epoks: 2}\n"))
+    msg = str(err.value)
+    assert "data.batching: got 'pack'; allowed: 'packing' or 'padding'" in msg
+    assert "train.lr" in msg and "greater than 0" in msg
+    assert "train.epoks: unknown key" in msg
+
+
+def test_cross_field_checks():
+    with pytest.raises(TunelabError, match="data.source: required"):
+        load_config(None, ["data.adapter=samsum"])
+    with pytest.raises(TunelabError, match="quantization.bits: a quantized base cannot be fully fine-tuned"):
+        load_config(None, ["data.adapter=samsum", "data.source=x", "quantization.bits=4", "peft.method=full"])
+    with pytest.raises(TunelabError, match="train.early_stopping: needs train.eval_every"):
+        load_config(None, ["data.adapter=samsum", "data.source=x", "train.early_stopping={patience: 2}"])
+    with pytest.raises(TunelabError, match="data.fields: required"):
+        load_config(None, ["data.source=x"])
+
+
+def test_method_names():
+    base = ["data.adapter=samsum", "data.source=x"]
+    assert load_config(None, base).method == "lora"
+    assert load_config(None, base + ["quantization.bits=4"]).method == "qlora"
+    assert load_config(None, base + ["peft.method=full"]).method == "full"
+    assert load_config(None, base + ["peft.method=dora"]).method == "dora"
+
+
+def test_cli_prints_config_errors_without_traceback(tmp_path, capsys):
+    code = main(["train", str(_recipe(tmp_path, "data: {adapter: samsum, source: x}\n")), "model.nme=embedded"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "model.nme: unknown key" in err and "Traceback" not in err
+
+
+def test_bad_override_syntax():
+    with pytest.raises(TunelabError, match="expected key.sub=value"):
+        load_config(None, ["train.max_steps"])
+
+
+@pytest.mark.parametrize("recipe", sorted((REPO / "recipes").rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_validates_and_names_its_command(recipe):
+    first = recipe.read_text().splitlines()[0]
+    assert first.startswith("# tunelab "), "each recipe opens with the command that runs it"
+    cfg = load_config(recipe, ["data.source=somewhere"])
+    assert isinstance(cfg, Config)
