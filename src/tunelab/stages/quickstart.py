@@ -14,7 +14,7 @@ from tunelab.config import load_config
 from tunelab.data.synthetic import make_meetup_task
 from tunelab.stages import sft
 
-TRAIN_ROWS = 192
+TRAIN_ROWS = 240
 VALIDATION_ROWS = 24
 
 
