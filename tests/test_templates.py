@@ -48,3 +48,19 @@ def test_default_template_for_base_models(tokenizer):
     base.chat_template = DEFAULT_CHAT_TEMPLATE
     text = _loss_text(base, tokenize_example(base, MESSAGES))
     assert text == f"Ann and Bob meet at noon.{base.eos_token}\n\n"
+
+
+def test_truncate_shortens_the_prompt_and_keeps_the_completion_whole(tokenizer):
+    from tunelab.data.templates import tokenize_within
+
+    article = " ".join(f"Sentence number {i} of a long article." for i in range(200))
+    messages = [{"role": "user", "content": "Summarize: " + article}, MESSAGES[-1]]
+    full = tokenize_example(tokenizer, messages)
+    assert len(full["input_ids"]) > 300
+    out = tokenize_within(tokenizer, messages, max_length=120)
+    assert out["truncated"] == 1 and len(out["input_ids"]) <= 120
+    assert _loss_text(tokenizer, out) == "Ann and Bob meet at noon.<|im_end|>\n"
+    assert tokenizer.decode(out["input_ids"]).startswith(tokenizer.decode(full["input_ids"][:20]))
+    # a sample that already fits is untouched; one whose completion alone is too long cannot fit
+    assert tokenize_within(tokenizer, MESSAGES, max_length=500)["truncated"] == 0
+    assert tokenize_within(tokenizer, [MESSAGES[1], {"role": "assistant", "content": article}], 120) is None

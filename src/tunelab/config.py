@@ -84,7 +84,7 @@ class DataConfig(_Section):
     max_length: int = Field(1024, ge=16)
     """Longest sequence in tokens (a packed row, or one padded sample)."""
     overlong: Literal["drop", "truncate"] = "drop"
-    """Samples longer than max_length: `drop` (counted, warned) or `truncate` (cut at the end)."""
+    """Samples longer than max_length: `drop`, or `truncate` their prompt (the completion stays whole); counted either way."""
     batching: Literal["packing", "padding"] = "packing"
     """`packing`: samples share rows, never split, never attend to each other. `padding`: right-padded, length-grouped."""
     completion_only_loss: bool = True

@@ -17,7 +17,7 @@ from datasets import Dataset, DatasetDict
 
 from tunelab.config import DataConfig
 from tunelab.data.batching import pack_batch
-from tunelab.data.templates import IGNORE_INDEX, tokenize_example
+from tunelab.data.templates import IGNORE_INDEX, tokenize_example, tokenize_within
 from tunelab.errors import TunelabError
 
 log = logging.getLogger(__name__)
@@ -52,9 +52,15 @@ def split(examples: DatasetDict, cfg: DataConfig, seed: int) -> tuple[Dataset, D
     return train, validation, test
 
 
-def _tokenize(row: dict, tokenizer, completion_only: bool) -> dict:
+def _tokenize(row: dict, tokenizer, completion_only: bool, fit_length: int | None) -> dict:
+    """Tokens and loss mask of one example; with fit_length, the prompt is shortened to fit
+    (`length` 0 marks a sample that cannot fit even so)."""
     try:
-        out = tokenize_example(tokenizer, row["messages"], completion_only)
+        if fit_length is None:
+            out = tokenize_example(tokenizer, row["messages"], completion_only)
+        else:
+            out = tokenize_within(tokenizer, row["messages"], fit_length, completion_only)
+            out = out or {"input_ids": [], "labels": [], "truncated": 0}
     except ValueError as err:
         raise TunelabError(f"data: cannot render a sample with the model's chat template: {err}") from None
     out["length"] = len(out["input_ids"])
@@ -62,49 +68,46 @@ def _tokenize(row: dict, tokenizer, completion_only: bool) -> dict:
     return out
 
 
-def _truncate(row: dict, max_length: int) -> dict:
-    labels = row["labels"][:max_length]
-    return {
-        "input_ids": row["input_ids"][:max_length],
-        "labels": labels,
-        "length": min(row["length"], max_length),
-        "loss_tokens": sum(label != IGNORE_INDEX for label in labels),
-    }
-
-
 def tokenize(examples: Dataset, tokenizer, cfg: DataConfig, name: str) -> tuple[Dataset, dict]:
-    """Tokenize with loss masks and apply the overlong policy; returns rows and what was dropped."""
+    """Tokenize with loss masks and apply the overlong policy; returns rows and what was dropped.
+
+    `drop` removes samples longer than max_length; `truncate` shortens their prompt (the
+    completion stays whole) and drops only those whose completion alone does not fit.
+    """
     procs = (cfg.num_proc or os.cpu_count() or 1) if len(examples) >= SMALL else None
+    fit = cfg.max_length if cfg.overlong == "truncate" else None
     rows = examples.map(
-        functools.partial(_tokenize, tokenizer=tokenizer, completion_only=cfg.completion_only_loss),
+        functools.partial(_tokenize, tokenizer=tokenizer, completion_only=cfg.completion_only_loss, fit_length=fit),
         remove_columns=examples.column_names,
         num_proc=procs,
         desc=f"tokenizing {name}",
     )
+    # Under `truncate`, a sample that could not fit comes back empty (length 0, no loss tokens).
     overlong = sum(n > cfg.max_length for n in rows["length"])
-    if overlong and cfg.overlong == "truncate":
-        rows = rows.map(
-            functools.partial(_truncate, max_length=cfg.max_length), num_proc=procs, desc=f"truncating {name}"
-        )
-    elif overlong:
+    if overlong:
         rows = rows.filter(
             functools.partial(operator.ge, cfg.max_length), input_columns="length", desc=f"dropping overlong {name}"
+        )
+        log.warning(
+            "%s: %d of %d samples are longer than data.max_length=%d tokens and were dropped "
+            "(raise data.max_length, or set data.overlong=truncate to shorten their prompts)",
+            name, overlong, len(examples), cfg.max_length,
         )
     empty = sum(n == 0 for n in rows["loss_tokens"])
     if empty:
         rows = rows.filter(bool, input_columns="loss_tokens", desc=f"dropping {name} rows without loss")
-    if overlong:
         log.warning(
-            "%s: %d of %d samples are longer than data.max_length=%d tokens and were %s "
-            "(data.overlong=%s; raise data.max_length to keep them whole)",
-            name, overlong, len(examples), cfg.max_length,
-            "truncated" if cfg.overlong == "truncate" else "dropped", cfg.overlong,
+            "%s: %d samples were dropped: nothing to learn from (an empty completion, or one that alone "
+            "exceeds data.max_length=%d)", name, empty, cfg.max_length,
         )
-    if empty:
-        log.warning("%s: %d samples have no tokens to learn from (empty completion after truncation) and were dropped",
-                    name, empty)
-    dropped = (overlong if cfg.overlong == "drop" else 0) + empty
-    return rows, {"overlong": overlong, "dropped": dropped}
+    truncated = 0
+    if fit:
+        truncated = sum(rows["truncated"])
+        rows = rows.remove_columns("truncated")
+    if truncated:
+        log.warning("%s: the prompts of %d samples were shortened to fit data.max_length=%d (data.overlong=truncate)",
+                    name, truncated, cfg.max_length)
+    return rows, {"overlong": overlong, "truncated": truncated, "dropped": overlong + empty}
 
 
 def batch_rows(rows: Dataset, cfg: DataConfig, name: str) -> Dataset:
@@ -146,6 +149,7 @@ def prepare(cfg: DataConfig, tokenizer, seed: int) -> PreparedData:
         "dropped": source_stats["bad_rows"] + train_drop["dropped"] + eval_drop["dropped"],
         "bad_rows": source_stats["bad_rows"],
         "overlong": train_drop["overlong"] + eval_drop["overlong"],
+        "truncated": train_drop["truncated"] + eval_drop["truncated"],
         "train_tokens": train_tokens,
         "train_loss_tokens": int(sum(train_rows["loss_tokens"])),
         "train_rows": len(train),

@@ -64,3 +64,30 @@ def tokenize_example(tokenizer, messages: list[dict], completion_only: bool = Tr
         ids = [tokenizer.bos_token_id] + ids
         labels = [IGNORE_INDEX] + labels
     return {"input_ids": ids, "labels": labels}
+
+
+def tokenize_within(tokenizer, messages: list[dict], max_length: int, completion_only: bool = True) -> dict | None:
+    """Tokenize, shortening the longest user turn until the sample fits (then `truncated` is 1);
+    None when even that fails.
+
+    Cutting the *prompt* keeps the completion whole: for summarization the reference must stay
+    intact, while the end of a long article can go (cutting the end of the sequence would cut
+    the very tokens the model should learn).
+    """
+    out = tokenize_example(tokenizer, messages, completion_only)
+    out["truncated"] = 0
+    for _ in range(4):  # each pass removes the measured excess (+ slack for re-tokenization seams)
+        excess = len(out["input_ids"]) - max_length
+        if excess <= 0:
+            return out
+        users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+        if not users:
+            return None
+        longest = max(users, key=lambda i: len(messages[i]["content"]))
+        ids = tokenizer(messages[longest]["content"], add_special_tokens=False)["input_ids"]
+        if len(ids) <= excess:
+            return None
+        messages = [*messages[:longest], {**messages[longest], "content": tokenizer.decode(ids[: -(excess + 8)])},
+                    *messages[longest + 1 :]]
+        out = {**tokenize_example(tokenizer, messages, completion_only), "truncated": 1}
+    return out if len(out["input_ids"]) <= max_length else None
