@@ -1,0 +1,104 @@
+"""Metrics that compare a generated text with a reference text, and their registry.
+
+Each metric scores one (prediction, reference) pair; ``score`` averages over rows.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable
+from statistics import fmean
+from typing import TYPE_CHECKING
+
+from tunelab.data.synthetic import parse_fields
+
+if TYPE_CHECKING:
+    from rouge_score.rouge_scorer import RougeScorer
+
+_ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+def exact_match(prediction: str, reference: str) -> float:
+    """1.0 if the texts are equal after stripping and collapsing whitespace, else 0.0.
+
+    Case-sensitive on purpose: the target formats are exact (upper-case keys, names with
+    capitals), and a wrong case is a format error that fine-tuning is meant to fix.
+    """
+    return float(" ".join(prediction.split()) == " ".join(reference.split()))
+
+
+def rouge(prediction: str, reference: str) -> dict[str, float]:
+    """ROUGE-1, ROUGE-2, ROUGE-L and ROUGE-Lsum F-measures (``rouge_score``, Porter stemmer).
+
+    ROUGE-Lsum computes LCS per line, so both texts get one sentence per line first (split
+    after ``.``, ``!`` or ``?``; line breaks stay), as the HF ``evaluate`` rouge metric
+    expects its callers to do; ROUGE-1/2/L ignore line breaks, so they see the same text.
+    """
+    scores = _scorer().score(_one_sentence_per_line(reference), _one_sentence_per_line(prediction))
+    return {name: scores[name].fmeasure for name in _ROUGE_TYPES}
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F-measure: longest common subsequence of words, order-aware."""
+    return rouge(prediction, reference)["rougeL"]
+
+
+def field_accuracy(prediction: str, reference: str) -> float:
+    """Fraction of the reference's ``KEY: value`` fields that the prediction gets exactly.
+
+    Partial credit shows extraction progress before the whole line is exact; keys are
+    matched case-insensitively, values exactly (after collapsing whitespace).
+    """
+    expected = parse_fields(reference)
+    if not expected:
+        raise ValueError(f"reference has no 'KEY: value' fields: {reference!r}")
+    got = parse_fields(prediction)
+    return sum(got.get(key) == value for key, value in expected.items()) / len(expected)
+
+
+METRICS: dict[str, Callable[[str, str], float | dict[str, float]]] = {
+    "exact_match": exact_match,
+    "rouge_l": rouge_l,
+    "rouge": rouge,
+    "field_accuracy": field_accuracy,
+}
+
+
+def score(predictions: list[str], references: list[str], names: list[str]) -> dict[str, float]:
+    """Mean of each named metric over the rows.
+
+    Keys: the metric's name, or for ``rouge`` its parts ``rouge1``, ``rouge2``, ``rouge_l``
+    (same value as the ``rouge_l`` metric) and ``rougeLsum``.
+    """
+    if len(predictions) != len(references):
+        raise ValueError(
+            f"{len(predictions)} predictions but {len(references)} references: one each per row"
+        )
+    if not predictions:
+        raise ValueError("no rows to score")
+    unknown = [name for name in names if name not in METRICS]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {unknown}; allowed: {sorted(METRICS)}")
+    means: dict[str, float] = {}
+    for name in names:
+        rows = [METRICS[name](p, r) for p, r in zip(predictions, references)]
+        if isinstance(rows[0], dict):
+            for part in rows[0]:
+                means["rouge_l" if part == "rougeL" else part] = fmean(row[part] for row in rows)
+        else:
+            means[name] = fmean(rows)
+    return means
+
+
+@functools.cache
+def _scorer() -> RougeScorer:
+    """Built once, on first use: importing rouge_score (and nltk) takes about a second."""
+    from rouge_score.rouge_scorer import RougeScorer
+
+    return RougeScorer(list(_ROUGE_TYPES), use_stemmer=True)
+
+
+def _one_sentence_per_line(text: str) -> str:
+    return "\n".join(part for part in _SENTENCE_END.split(text.strip()) if part)
