@@ -140,3 +140,16 @@ def test_adapter_reloads_and_merges_to_the_same_model(tmp_path, tiny_model_dir, 
         a, b, c = reloaded(ids).logits, merged(ids).logits, base(ids).logits
     assert torch.allclose(a, b, atol=1e-5)
     assert not torch.allclose(b, c[..., : b.shape[-1]], atol=1e-3)  # training changed the model
+
+
+def test_early_stopping_stops_when_validation_loss_stalls(tmp_path, tiny_model_dir, task_dir):
+    # Any improvement smaller than the threshold counts as none, so patience 1 stops at the second evaluation.
+    s = sft.run(_cfg(tmp_path, tiny_model_dir, task_dir, "train.eval_every=1", "train.max_steps=6",
+                     "train.early_stopping={patience: 1, threshold: 100.0}")).summary
+    assert s["train"]["steps"] == 2
+    assert s["train"]["best_checkpoint"].endswith("checkpoint-2")  # loss still fell a little: best, not enough
+
+
+def test_8bit_lora_trains_on_cpu(tmp_path, tiny_model_dir, task_dir):
+    s = sft.run(_cfg(tmp_path, tiny_model_dir, task_dir, "quantization.bits=8", "train.max_steps=2")).summary
+    assert s["method"] == "lora-8bit" and s["train"]["steps"] == 2

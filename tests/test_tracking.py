@@ -321,3 +321,15 @@ def test_trainer_with_wandb_offline_writes_local_run(clean_wandb_env, tmp_path):
     assert list(offline_runs[0].glob("*.wandb"))
     train_logs = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in train_logs] == [1, 2]
+
+
+def test_missing_report_to_integration_fails_early(tmp_path, monkeypatch):
+    import importlib.util
+
+    from tunelab.errors import TunelabError
+    from tunelab.tracking.wandb_setup import wandb_report_to
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
+    with pytest.raises(TunelabError, match="tracking.report_to: mlflow is not installed"):
+        wandb_report_to(False, "p", "r", tmp_path, ["mlflow"])

@@ -42,6 +42,9 @@ def open_run_dir(cfg: Config) -> tuple[Path, Path | None]:
             f"run folder {run_dir} already holds a run; pass --resume to continue it, "
             "or choose another run.name / run.dir"
         )
+    if not cfg.train.resume:  # a run killed before its first checkpoint starts over: drop what it logged
+        for stale in ("metrics.jsonl", "eval_before.json"):
+            (run_dir / stale).unlink(missing_ok=True)
     (run_dir / "plots").mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     return run_dir, resume_from
@@ -68,15 +71,12 @@ def evaluate(trainer, model, tokenizer, cfg: Config, examples, label: str) -> tu
     return result, rows
 
 
-def build_trainer(cfg: Config, model, tokenizer, data, run_dir: Path, resume_step: int | None):
+def build_trainer(cfg: Config, model, tokenizer, data, run_dir: Path, resume_step: int | None, report_to: list[str]):
     from transformers import EarlyStoppingCallback
 
     from tunelab.data.batching import Collator
-    from tunelab.tracking.wandb_setup import wandb_report_to
     from tunelab.trainer import TunelabTrainer, training_arguments
 
-    report_to = wandb_report_to(cfg.tracking.wandb, cfg.tracking.project, cfg.run.name, run_dir,
-                                list(cfg.tracking.report_to))
     args = training_arguments(cfg, str(run_dir / "checkpoints"), report_to)
     callbacks = [MetricsCallback(run_dir / "metrics.jsonl", resume_step=resume_step)]
     if cfg.train.early_stopping:
@@ -113,11 +113,13 @@ def run(cfg: Config) -> RunResult:
     from tunelab.models.build import load_for_training, save_trained
     from tunelab.tracking.plots import plot_metrics
     from tunelab.tracking.report import write_report
-    from tunelab.tracking.wandb_setup import finish_wandb
+    from tunelab.tracking.wandb_setup import finish_wandb, wandb_report_to
 
     from transformers import set_seed
 
     run_dir, resume_from = open_run_dir(cfg)
+    report_to = wandb_report_to(cfg.tracking.wandb, cfg.tracking.project, cfg.run.name, run_dir,
+                                list(cfg.tracking.report_to))  # checks the integrations before the model loads
     set_seed(cfg.run.seed)  # LoRA's A matrices and new embedding rows are drawn from the global RNG
     model, tokenizer = load_for_training(cfg)
     data = prepare(cfg.data, tokenizer, cfg.run.seed)
@@ -126,7 +128,7 @@ def run(cfg: Config) -> RunResult:
         data.test_examples.to_json(run_dir / "test.jsonl")  # held out for `tunelab eval`
 
     resume_step = int(resume_from.name.split("-")[-1]) if resume_from else None
-    trainer, collator = build_trainer(cfg, model, tokenizer, data, run_dir, resume_step)
+    trainer, collator = build_trainer(cfg, model, tokenizer, data, run_dir, resume_step, report_to)
 
     # Evaluate the untouched model once; a resumed run reuses that result.
     before_file = run_dir / "eval_before.json"

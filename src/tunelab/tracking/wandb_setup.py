@@ -7,12 +7,15 @@ or fails for lack of network: the data lands in run_dir/wandb/ and can be upload
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import netrc
 import os
 import sys
 from pathlib import Path
 from urllib.parse import urlsplit
+
+from tunelab.errors import TunelabError
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +58,9 @@ def wandb_report_to(
     lands in run_dir/wandb/, and is offline unless an API key exists or WANDB_MODE is set.
     """
     report_to = [r for r in dict.fromkeys(extra) if r not in ("wandb", "none")]
+    missing = [r for r in report_to if importlib.util.find_spec(r) is None]
+    if missing:  # transformers would fail later, after the model has loaded
+        raise TunelabError(f"tracking.report_to: {', '.join(missing)} is not installed; pip install {' '.join(missing)}")
     if not (enabled or "wandb" in extra):
         return report_to
     finish_wandb()  # a stale run or settings from an earlier run in this process
