@@ -30,6 +30,35 @@ def _quickstart(args) -> None:
     _print_result(result)
 
 
+def _eval(args) -> None:
+    from pathlib import Path
+
+    from tunelab.stages import evaluate
+
+    baseline = None if args.baseline in (None, "auto") else args.baseline
+    results = evaluate.run(
+        args.target, [t for t in args.tasks.split(",") if t], baseline=baseline, limit=args.limit,
+        output=Path(args.output) if args.output else None, data_dir=Path(args.data_dir) if args.data_dir else None,
+        split=args.split, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+        dataset=args.dataset, adapter=args.adapter,
+    )
+    print()
+    print(evaluate.format_results(results))
+    print(f"\nresults: {results['output']}")
+
+
+def _kfold(args) -> None:
+    from tunelab.config import load_config
+    from tunelab.stages import kfold
+    from tunelab.tracking.report import format_kfold
+
+    cfg = load_config(args.recipe, list(args.overrides))
+    result = kfold.run(cfg, args.folds, args.metric)
+    print()
+    print(format_kfold(result))
+    print(f"\nk-fold folder: {result['dir']}  (report: {result['dir']}/kfold.html)")
+
+
 def _merge(args) -> None:
     from pathlib import Path
 
@@ -55,6 +84,8 @@ def _add_overrides(p: argparse.ArgumentParser) -> None:
 COMMANDS = {
     "train": (_train, "fine-tune a model from a recipe (SFT: full, LoRA, DoRA, QLoRA)"),
     "quickstart": (_quickstart, "offline demo: LoRA on the embedded SmolLM2, before/after table"),
+    "eval": (_eval, "evaluate a run, adapter or model on task metrics and standard benchmarks, vs. a baseline"),
+    "kfold": (_kfold, "k-fold cross-validation of a recipe (and of its sweep grid), one aggregated report"),
     "merge": (_merge, "fold a LoRA run's adapter into its base and save a full model folder"),
 }
 
@@ -71,6 +102,26 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
             _add_overrides(p)
         elif name == "quickstart":
+            _add_overrides(p)
+        elif name == "eval":
+            p.add_argument("target", help="run folder, adapter or model folder, Hub id, .gguf file, or `embedded`")
+            p.add_argument("--tasks", default="perplexity,rouge",
+                           help="comma-separated: perplexity, rouge, exact_match, bleu, hellaswag, truthfulqa_mc1, "
+                                "truthfulqa_mc2, or a custom task YAML file")
+            p.add_argument("--baseline", default="auto",
+                           help="model to compare with (default for a run folder: its base model; `none` to skip)")
+            p.add_argument("--limit", type=int, help="evaluate at most N rows per task")
+            p.add_argument("--output", help="results folder (default: <run>/eval/<time>/ or evals/<time>/)")
+            p.add_argument("--data-dir", help="local copies of the benchmark data (hellaswag/, truthfulqa/), for offline use")
+            p.add_argument("--split", default="validation", help="dataset split for perplexity and generation tasks")
+            p.add_argument("--dataset", help="data source for perplexity/generation tasks when TARGET is not a run folder")
+            p.add_argument("--adapter", help="dataset adapter for --dataset (samsum, alpaca, ...)")
+            p.add_argument("--max-new-tokens", type=int, default=128, help="generation length limit")
+            p.add_argument("--batch-size", type=int, default=8, help="evaluation batch size")
+        elif name == "kfold":
+            p.add_argument("recipe", help="recipe YAML; a `sweep:` section in it is cross-validated point by point")
+            p.add_argument("--folds", type=int, default=5, help="number of folds (K)")
+            p.add_argument("--metric", default="loss", help="metric that picks the best sweep point (loss, rouge_l, ...)")
             _add_overrides(p)
         elif name == "merge":
             p.add_argument("run", help="a LoRA run folder or adapter folder")
@@ -95,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; continue with `tunelab train <recipe> --resume`", file=sys.stderr)
+        again = "re-run the same command" if args.command == "kfold" else "continue with `tunelab train <recipe> --resume`"
+        print(f"interrupted; {again}", file=sys.stderr)
         return 130
     return 0
 

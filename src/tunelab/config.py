@@ -8,7 +8,7 @@ This module imports no torch/transformers so `--help` and validation stay fast.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -97,6 +97,10 @@ class DataConfig(_Section):
     """Use at most this many training samples (after the split; seeded shuffle)."""
     max_eval_samples: int | None = Field(None, ge=1)
     """Use at most this many validation samples."""
+    folds: int | None = Field(None, ge=2)
+    """k-fold cross-validation (set by `tunelab kfold`): the seeded shuffle of train is cut into this many parts."""
+    fold: int | None = Field(None, ge=0)
+    """The part (0-based, < folds) that validates; the others train. The source's validation split is unused."""
     num_proc: int | None = Field(None, ge=1)
     """Worker processes for tokenization; default: the number of CPU cores."""
 
@@ -178,6 +182,9 @@ class Config(_Section):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
+    sweep: dict[str, Annotated[list, Field(min_length=1)]] | None = None
+    """Hyperparameter grid for `tunelab kfold`, e.g. {peft.r: [8, 16], train.lr: [1e-4, 2e-4]}: every
+    combination is cross-validated. `tunelab train` ignores it."""
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
@@ -193,8 +200,13 @@ class Config(_Section):
             )
         if self.train.early_stopping and not self.train.eval_every:
             problems.append("train.early_stopping: needs train.eval_every (validation every N steps)")
+        if (self.data.folds is None) != (self.data.fold is None):
+            problems.append("data.fold: data.folds and data.fold are set together (or neither)")
+        elif self.data.folds is not None and self.data.fold >= self.data.folds:
+            problems.append(f"data.fold: got {self.data.fold}; must be below data.folds={self.data.folds}")
+        problems += [f"sweep.{key}: {why}" for key in self.sweep or {} if (why := _sweep_key_problem(key))]
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ValueError("\n".join(problems))
         return self
 
     @property
@@ -209,6 +221,29 @@ class Config(_Section):
         return self.peft.method
 
 
+SET_BY_KFOLD = ("data.folds", "data.fold", "run.dir", "sweep")
+
+
+def _sweep_key_problem(path: str) -> str | None:
+    """Why `path` cannot be swept (not a declared key, or one kfold sets itself), or None."""
+    if path in SET_BY_KFOLD:
+        return f"set by tunelab kfold itself; cannot be swept (these are: {', '.join(SET_BY_KFOLD)})"
+    section: Any = Config
+    for part in path.split("."):
+        if section is None or part not in section.model_fields:
+            return "unknown key; a sweep key is a config path such as peft.r or train.lr"
+        section = _section_type(section.model_fields[part].annotation)
+    return None
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    """The section class a field holds (unwrapping `X | None`), or None for a plain value."""
+    for candidate in (annotation, *get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`a.b=c` → (["a", "b"], value parsed as YAML, so 3 → int, true → bool, [1,2] → list)."""
     key, sep, raw = text.partition("=")
@@ -218,16 +253,21 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+def set_path(data: dict, path: list[str], value: Any) -> None:
+    """data[a][b]... = value for path [a, b, ...], creating missing (or null) sections on the way."""
+    node = data
+    for part in path[:-1]:
+        if node.get(part) is None:
+            node[part] = {}
+        node = node[part]
+        if not isinstance(node, dict):
+            raise TunelabError(f"{'.'.join(path)}: {part} is not a section")
+    node[path[-1]] = value
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     for text in overrides:
-        path, value = parse_override(text)
-        node = data
-        for part in path[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise TunelabError(f"override {text!r}: {part} is not a section")
-            node = child
-        node[path[-1]] = value
+        set_path(data, *parse_override(text))
     return data
 
 
@@ -243,7 +283,10 @@ def _format_errors(err: ValidationError, origin: str) -> str:
             msg = str(e["ctx"]["error"])
         else:
             msg = f"{e['msg']} (got {e['input']!r})"
-        lines.append(f"  - {field}: {msg}" if field != "(top level)" else f"  - {msg}")
+        if field == "(top level)":  # the cross-field checks: one problem a line, each naming its field
+            lines += [f"  - {problem}" for problem in msg.splitlines()]
+        else:
+            lines.append(f"  - {field}: {msg}")
     return "\n".join(lines)
 
 

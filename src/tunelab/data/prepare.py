@@ -35,14 +35,20 @@ class PreparedData:
 
 
 def split(examples: DatasetDict, cfg: DataConfig, seed: int) -> tuple[Dataset, Dataset, Dataset | None]:
-    """Use the source's validation/test splits; carve seeded holdouts from train where missing."""
+    """Use the source's validation/test splits; carve seeded holdouts from train where missing.
+
+    Under k-fold (data.folds/fold) the validation set is always a fold of train, so that the
+    k runs together validate on every training row exactly once; the test set stays out of it.
+    """
     train = examples["train"] if "train" in examples else examples[next(iter(examples))]
     test = examples.get("test")
     if test is None and cfg.test_fraction:
         parts = train.train_test_split(test_size=cfg.test_fraction, seed=seed)
         train, test = parts["train"], parts["test"]
     validation = examples.get("validation")
-    if validation is None:
+    if cfg.folds is not None:
+        train, validation = fold_split(train, cfg.folds, cfg.fold, seed)
+    elif validation is None:
         parts = train.train_test_split(test_size=cfg.validation_fraction, seed=seed)
         train, validation = parts["train"], parts["test"]
     if cfg.max_train_samples and len(train) > cfg.max_train_samples:
@@ -50,6 +56,17 @@ def split(examples: DatasetDict, cfg: DataConfig, seed: int) -> tuple[Dataset, D
     if cfg.max_eval_samples and len(validation) > cfg.max_eval_samples:
         validation = validation.shuffle(seed=seed).select(range(cfg.max_eval_samples))
     return train, validation, test
+
+
+def fold_split(rows: Dataset, folds: int, fold: int, seed: int) -> tuple[Dataset, Dataset]:
+    """(train, validation): part `fold` of the seeded shuffle cut into `folds` contiguous parts
+    (sizes differ by at most one) is the validation set, the other parts are the training set."""
+    if len(rows) < folds:
+        raise TunelabError(f"data.folds={folds}: the training split has only {len(rows)} rows")
+    shuffled = rows.shuffle(seed=seed)
+    start, stop = fold * len(rows) // folds, (fold + 1) * len(rows) // folds
+    rest = [*range(start), *range(stop, len(rows))]
+    return shuffled.select(rest), shuffled.select(range(start, stop))
 
 
 def _tokenize(row: dict, tokenizer, completion_only: bool, fit_length: int | None) -> dict:

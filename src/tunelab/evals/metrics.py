@@ -86,10 +86,32 @@ def score(predictions: list[str], references: list[str], names: list[str]) -> di
         rows = [METRICS[name](p, r) for p, r in zip(predictions, references)]
         if isinstance(rows[0], dict):
             for part in rows[0]:
-                means["rouge_l" if part == "rougeL" else part] = fmean(row[part] for row in rows)
+                means[_result_key(part)] = fmean(row[part] for row in rows)
         else:
             means[name] = fmean(rows)
     return means
+
+
+def result_keys(names: list[str]) -> list[str]:
+    """The keys ``score`` returns for these metric names, known before anything is generated."""
+    parts = {"rouge": [_result_key(part) for part in _ROUGE_TYPES]}
+    return list(dict.fromkeys(key for name in names for key in parts.get(name, [name])))
+
+
+def _result_key(rouge_type: str) -> str:
+    """ROUGE-L is reported as ``rouge_l``, the name of the standalone metric."""
+    return "rouge_l" if rouge_type == "rougeL" else rouge_type
+
+
+def corpus_bleu(predictions: list[str], references: list[str]) -> float:
+    """Corpus BLEU on a 0-100 scale (sacrebleu's defaults: 13a tokenization, one reference per row).
+
+    Corpus-level on purpose: BLEU pools n-gram counts over all rows; the mean of sentence BLEU
+    is a different (and for short outputs mostly zero) number.
+    """
+    import sacrebleu
+
+    return sacrebleu.corpus_bleu(predictions, [references]).score
 
 
 @functools.cache

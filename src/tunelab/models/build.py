@@ -167,3 +167,25 @@ def merge_and_save(name: str, output: Path) -> Path:
     merged.save_pretrained(output)
     tokenizer.save_pretrained(output)
     return output
+
+
+def load_for_eval(name: str):
+    """(model, tokenizer) to evaluate: unquantized, any adapter merged in, fp32 on CPU or bf16 on a
+    bf16 GPU, in eval mode with the KV cache on (training turns it off; generation wants it)."""
+    from transformers import AutoModelForCausalLM
+
+    source = resolve(name)
+    tokenizer = load_tokenizer(source)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=train_dtype("auto"))
+    except OSError as err:
+        raise TunelabError(f"{name}: cannot load weights from {source.path}: {err}") from None
+    fit_embeddings(model, tokenizer)
+    if source.adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, source.adapter).merge_and_unload()
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.config.use_cache = True
+    return model.to("cuda" if has_cuda() else "cpu").eval(), tokenizer

@@ -67,3 +67,45 @@ def plot_metrics(records: list[dict], out_dir: str | os.PathLike) -> list[Path]:
         _plot(records, _PPL_SERIES, "Perplexity", "perplexity", out_dir / "perplexity.png"),
     ]
     return [p for p in written if p is not None]
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def plot_comparison(results: dict, path: str | os.PathLike) -> Path | None:
+    """Baseline vs target bars for an eval's results.json, one panel per task metric (each on its
+    own scale: perplexity and accuracy do not share an axis), ± standard error where known.
+
+    Writes nothing and returns None when no metric has a number.
+    """
+    from tunelab.tracking.report import eval_scores
+
+    baseline = (results.get("baseline") or {}).get("tasks", {})
+    panels = [
+        (task, metric, [(name, side[metric], side.get(f"{metric}_stderr")) for name, side in
+                        (("baseline", baseline.get(task, {})), ("target", metrics)) if _finite(side.get(metric))])
+        for task, metrics in results["tasks"].items()
+        for metric in eval_scores(metrics)
+    ]
+    panels = [p for p in panels if p[2]]
+    if not panels:
+        return None
+    cols = min(4, len(panels))
+    fig = Figure(figsize=(3 * cols, 2.6 * math.ceil(len(panels) / cols)), dpi=100)
+    axes = fig.subplots(math.ceil(len(panels) / cols), cols, squeeze=False).ravel()
+    for ax, (task, metric, bars) in zip(axes, panels):
+        names, values, errors = zip(*bars)
+        errors = [e if _finite(e) else 0 for e in errors]
+        drawn = ax.bar(names, values, yerr=errors if any(errors) else None, capsize=3,
+                       color=["#9e9e9e" if n == "baseline" else "#1f77b4" for n in names])
+        ax.bar_label(drawn, fmt="%.4g", fontsize=8)
+        ax.set_title(f"{task}: {metric}", fontsize=9)
+        ax.margins(y=0.2)
+        if min(values) >= 0:
+            ax.set_ylim(bottom=0)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path)
+    return Path(path)

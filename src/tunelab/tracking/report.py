@@ -54,6 +54,11 @@ def fmt_value(v: Any) -> str:
     return f"{v:.4g}"
 
 
+def lower_is_better(metric: str) -> bool:
+    """Loss and perplexity (and their variants) fall as a model improves; task metrics rise."""
+    return any(k in metric for k in _LOWER_IS_BETTER)
+
+
 def _number(v: Any) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
@@ -72,25 +77,39 @@ def _before_after_rows(before: dict | None, after: dict | None) -> list[tuple[st
         if b is not None and a is not None and math.isfinite(a - b):
             change = f"{a - b:+.4g}"
             if a != b:
-                lower_better = any(k in metric for k in _LOWER_IS_BETTER)
-                verdict = "better" if (a < b) == lower_better else "worse"
+                verdict = "better" if (a < b) == lower_is_better(metric) else "worse"
                 change += f" ({verdict})"
         shown = fmt_value(before.get(metric)), fmt_value(after.get(metric))
         rows.append((metric, *shown, change, verdict))
     return rows
 
 
-def format_before_after(before: dict | None, after: dict | None) -> str:
-    """Fixed-width terminal table: metric | before | after | change (after - before)."""
-    rows = [("metric", "before", "after", "change")]
-    rows += [row[:4] for row in _before_after_rows(before, after)]
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+def _text_table(rows: list[tuple[str, ...]], labels: int = 1) -> str:
+    """Fixed-width terminal table; rows[0] is the header, the first `labels` columns are
+    left-aligned text and the rest right-aligned numbers."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [
-        " | ".join([row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])])
+        " | ".join(c.ljust(w) if i < labels else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
         for row in rows
     ]
     lines.insert(1, "-+-".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def _html_table(rows: list[tuple[str, ...]]) -> str:
+    """HTML version of `_text_table` (escaped): rows[0] is the header, column 0 labels each row."""
+    head = "".join(f"<th>{escape(c)}</th>" for c in rows[0])
+    body = "".join(
+        f"<tr><th>{escape(row[0])}</th>" + "".join(f'<td class="num">{escape(c)}</td>' for c in row[1:]) + "</tr>"
+        for row in rows[1:]
+    )
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def format_before_after(before: dict | None, after: dict | None) -> str:
+    """Fixed-width terminal table: metric | before | after | change (after - before)."""
+    rows = [("metric", "before", "after", "change"), *(row[:4] for row in _before_after_rows(before, after))]
+    return _text_table(rows)
 
 
 def _read_optional(path: Path, reader) -> Any | None:
@@ -131,18 +150,21 @@ def _before_after_html(ev: Any) -> str:
     )
 
 
+def _figure_html(png: Path) -> str:
+    """The PNG embedded as base64 with its name as caption; "" when it cannot be read."""
+    data = _read_optional(png, Path.read_bytes)
+    if data is None:
+        return ""
+    b64 = base64.b64encode(data).decode("ascii")
+    return (
+        f'<figure><img alt="{escape(png.stem)}" src="data:image/png;base64,{b64}">'
+        f"<figcaption>{escape(png.stem)}</figcaption></figure>"
+    )
+
+
 def _plots_html(plot_dir: Path) -> str:
     pngs = sorted(plot_dir.glob("*.png")) if plot_dir.is_dir() else []
-    figures = []
-    for png in pngs:
-        data = _read_optional(png, Path.read_bytes)
-        if data is not None:
-            b64 = base64.b64encode(data).decode("ascii")
-            figures.append(
-                f'<figure><img alt="{escape(png.stem)}" src="data:image/png;base64,{b64}">'
-                f"<figcaption>{escape(png.stem)}</figcaption></figure>"
-            )
-    return "\n".join(figures) or _NA
+    return "\n".join(filter(None, map(_figure_html, pngs))) or _NA
 
 
 def _samples_html(samples: list[dict] | None) -> str:
@@ -183,11 +205,149 @@ def write_report(run_dir: str | os.PathLike) -> Path:
         _section("Sample generations", _samples_html(samples)),
         _section("Config", f"<pre>{escape(config)}</pre>" if config is not None else _NA),
     ]
-    html_doc = (
+    return atomic_write_text(run_dir / "report.html", _page(f"tunelab run {name}", name, meta, sections))
+
+
+def _page(title: str, heading: str, meta: str, sections: list[str]) -> str:
+    """A whole self-contained HTML document (inline CSS); the arguments are HTML, already escaped."""
+    return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        f"<title>tunelab run {name}</title><style>{_CSS}</style></head><body>\n"
-        f'<header><h1>{name}</h1><p class="meta">{meta}</p></header>\n'
+        f"<title>{title}</title><style>{_CSS}</style></head><body>\n"
+        f'<header><h1>{heading}</h1><p class="meta">{meta}</p></header>\n'
         + "\n".join(sections)
         + "\n</body></html>\n"
     )
-    return atomic_write_text(run_dir / "report.html", html_doc)
+
+
+# ---- k-fold cross-validation (`tunelab kfold`): one report over all folds and grid points ----
+
+
+def _mean_std(agg: dict | None) -> str:
+    if not agg or agg.get("mean") is None:
+        return "n/a"
+    return f"{fmt_value(agg['mean'])} ± {fmt_value(agg['std'])}"
+
+
+def _kfold_headline(result: dict) -> str:
+    direction = "lower" if result["lower_is_better"] else "higher"
+    best = (result["best"] or {}).get("name", "none (no grid point has the metric on every fold)")
+    return (f"{result['folds']}-fold cross-validation (seed {result['seed']}) in {result['dir']}; "
+            f"best by mean {result['metric']} ({direction} is better): {best}")
+
+
+def _kfold_ranking(result: dict) -> list[tuple[str, ...]]:
+    """grid point | chosen metric as mean ± std over folds | best marker."""
+    best = (result["best"] or {}).get("name")
+    rows = [("grid point", f"{result['metric']} (mean ± std)", "")]
+    rows += [(p["name"], _mean_std(p["after"].get(result["metric"])), "best" if p["name"] == best else "")
+             for p in result["points"]]
+    return rows
+
+
+def _kfold_point_rows(point: dict) -> list[tuple[str, ...]]:
+    """metric | before (mean ± std over folds) | after, per fold | after, mean ± std."""
+    before, after, k = point["before"], point["after"], len(point["runs"])
+    rows = [("metric", "before", *(f"fold-{i}" for i in range(k)), "after")]
+    for metric in dict.fromkeys([*after, *before]):
+        per_fold = after.get(metric, {}).get("folds", [None] * k)
+        rows.append((metric, _mean_std(before.get(metric)), *map(fmt_value, per_fold), _mean_std(after.get(metric))))
+    return rows
+
+
+def format_kfold(result: dict) -> str:
+    """Terminal summary of a k-fold result: the grid ranked by the chosen metric, then every metric per fold."""
+    parts = [_kfold_headline(result), _text_table(_kfold_ranking(result))]
+    for point in result["points"]:
+        parts += [f"{point['name']} (after training, per fold; before = the untouched model):",
+                  _text_table(_kfold_point_rows(point))]
+    return "\n\n".join(parts)
+
+
+def write_kfold_report(result: dict) -> Path:
+    """Write kfold.html (self-contained, like report.html) into the k-fold folder and return its path."""
+    parent = Path(result["dir"])
+    sections = [_section("Grid points", _html_table(_kfold_ranking(result)))]
+    for point in result["points"]:
+        links = " · ".join(f'<a href="{escape(run)}/report.html">{escape(run)}</a>' for run in point["runs"])
+        sections.append(_section(point["name"], _html_table(_kfold_point_rows(point))
+                                 + f'<p class="meta">after training, per fold; run reports: {links}</p>'))
+    if result["sweep"]:
+        sections.append(_section("Sweep", _kv_table(result["sweep"])))
+    name = escape(parent.resolve().name)
+    page = _page(f"tunelab k-fold {name}", name, escape(_kfold_headline(result)), sections)
+    return atomic_write_text(parent / "kfold.html", page)
+
+
+# ---- evaluation (`tunelab eval`): the target model against a baseline, per task metric ----
+
+_COUNTS = ("n", "tokens")
+
+
+def eval_scores(metrics: dict | None) -> dict:
+    """A task's comparable metrics from results.json: not its row/token counts, not standard errors."""
+    return {k: v for k, v in (metrics or {}).items() if k not in _COUNTS and not k.endswith("_stderr")}
+
+
+def _eval_rows(results: dict) -> list[tuple[str, ...]]:
+    """(task (n=rows), metric, target, baseline, delta, verdict) as text; delta = target - baseline."""
+    baseline = (results.get("baseline") or {}).get("tasks", {})
+    rows = []
+    for task, metrics in results["tasks"].items():
+        label = f"{task} (n={metrics.get('n', '?')})"
+        for metric, b, a, delta, verdict in _before_after_rows(eval_scores(baseline.get(task)), eval_scores(metrics)):
+            rows.append((label, metric, a, b, delta, verdict))
+    return rows
+
+
+def format_eval(results: dict) -> str:
+    """Terminal table of an eval's results: task | metric | target | baseline | delta."""
+    return _text_table([("task", "metric", "target", "baseline", "delta"), *(r[:5] for r in _eval_rows(results))],
+                       labels=2)
+
+
+def _eval_table_html(results: dict) -> str:
+    head = "".join(f"<th>{h}</th>" for h in ("task", "metric", "target", "baseline", "delta (target − baseline)"))
+    body = "".join(
+        f'<tr><th>{escape(t)}</th><td>{escape(m)}</td><td class="num">{escape(a)}</td>'
+        f'<td class="num">{escape(b)}</td><td class="num {v}">{escape(d)}</td></tr>'
+        for t, m, a, b, d, v in _eval_rows(results)
+    )
+    return f"<table><tr>{head}</tr>{body}</table>" if body else _NA
+
+
+def _eval_samples_html(predictions: list[dict]) -> str:
+    """The first MAX_SAMPLES rows of each task: prompt, reference, and both models' answers."""
+    by_task: dict[str, dict[str, list[dict]]] = {}
+    for row in predictions:
+        by_task.setdefault(row["task"], {}).setdefault(row["model"], []).append(row)
+    cols = ("prompt", "reference", "target", "baseline")
+    parts = []
+    for task, models in by_task.items():
+        target, baseline = models.get("target", []), models.get("baseline", [])
+        cells = [
+            (row["prompt"], row["reference"], row["prediction"], baseline[i]["prediction"] if i < len(baseline) else "")
+            for i, row in enumerate(target[:MAX_SAMPLES])
+        ]
+        body = "".join("<tr>" + "".join(f'<td class="text">{escape(c)}</td>' for c in row) + "</tr>" for row in cells)
+        head = "".join(f"<th>{c}</th>" for c in cols)
+        parts.append(f"<h3>{escape(task)}</h3><p class=\"meta\">first {len(cells)} of {len(target)}</p>"
+                     f"<table><tr>{head}</tr>{body}</table>")
+    return "\n".join(parts)
+
+
+def write_eval_report(out_dir: str | os.PathLike, results: dict, predictions: list[dict], chart: Path | None) -> Path:
+    """Write out_dir/report.html: metrics side by side with the delta, the chart, the data each
+    task used, and sample predictions (all of them are in predictions.jsonl, linked)."""
+    out_dir = Path(out_dir)
+    baseline = results.get("baseline")
+    base = baseline["model"] if baseline else "none"
+    meta = f"target: <b>{escape(results['target'])}</b> · baseline: <b>{escape(base)}</b>"
+    link = '<p>Every prediction next to its reference: <a href="predictions.jsonl">predictions.jsonl</a></p>'
+    sections = [
+        _section("Results", _eval_table_html(results)),
+        _section("Chart", (_figure_html(chart) if chart else "") or _NA),
+        _section("Data", _kv_table(results.get("data"))),
+        _section("Predictions", link + _eval_samples_html(predictions)),
+    ]
+    heading = f"Evaluation of {escape(results['target'])}"
+    return atomic_write_text(out_dir / "report.html", _page("tunelab eval", heading, meta, sections))

@@ -1,0 +1,188 @@
+"""`tunelab eval`: score a model on tasks next to a baseline; write results, predictions, a chart and a report.
+
+where the outputs go → which tasks, on which rows (checked before any model loads) → the
+target model → the baseline, the same way → results.json, predictions.jsonl, comparison.png,
+report.html.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import time
+from pathlib import Path
+
+from tunelab.errors import TunelabError
+from tunelab.evals.tasks import GENERATION_METRICS, DatasetTask, Rows
+
+log = logging.getLogger(__name__)
+
+ROW_TASKS = ("perplexity", *GENERATION_METRICS)
+"""Built-in tasks that need evaluation rows: the run's own, or --dataset."""
+
+
+def run(
+    target: str,
+    tasks: list[str],
+    *,
+    baseline: str | None = None,
+    limit: int | None = None,
+    output: Path | None = None,
+    data_dir: Path | None = None,
+    split: str = "validation",
+    max_new_tokens: int = 128,
+    batch_size: int = 8,
+    dataset: str | None = None,
+    adapter: str | None = None,
+    fields: dict[str, str] | None = None,
+) -> dict:
+    """Evaluate `target` (and the baseline) on `tasks`; returns the results.json content.
+
+    baseline: None = the run's base model when `target` is a run folder, else none; "none" = none.
+    dataset/adapter/fields/split: where perplexity and generation tasks take rows from (default:
+    the run's test split, else its validation rows). limit: rows per task (the first N).
+    """
+    start = time.time()
+    run_dir = run_folder(target)
+    out = output_dir(output, run_dir)
+    planned = plan(tasks, run_dir, dataset=dataset, adapter=adapter, fields=fields, split=split, limit=limit)
+    data = data_origins(planned, data_dir)
+    baseline = base_model(run_dir) if baseline is None else None if baseline.lower() == "none" else baseline
+
+    evaluate_one = functools.partial(evaluate_model, planned=planned, limit=limit, data_dir=data_dir,
+                                     max_new_tokens=max_new_tokens, batch_size=batch_size)
+    metrics, predictions = evaluate_one(target, "target")
+    results = {"target": target, "tasks": metrics, "baseline": None, "data": data}
+    if baseline is not None:
+        metrics, more = evaluate_one(baseline, "baseline")
+        results["baseline"] = {"model": baseline, "tasks": metrics}
+        predictions += more
+    results["runtime_s"] = time.time() - start
+    results["output"] = str(out)
+    write_outputs(out, results, predictions)
+    return results
+
+
+def format_results(results: dict) -> str:
+    """Terminal table: task | metric | target | baseline | delta (target - baseline)."""
+    from tunelab.tracking.report import format_eval
+
+    return format_eval(results)
+
+
+def run_folder(target: str) -> Path | None:
+    """`target` as a tunelab run folder (config.yaml plus adapter/ or model/), else None."""
+    path = Path(target)
+    trained = (path / "adapter" / "adapter_config.json").is_file() or (path / "model" / "config.json").is_file()
+    return path if trained and (path / "config.yaml").is_file() else None
+
+
+def output_dir(output: Path | None, run_dir: Path | None) -> Path:
+    """--output, else `<run>/eval/<timestamp>/` for a run folder, else `evals/<timestamp>/`."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path(output) if output else (run_dir / "eval" if run_dir else Path("evals")) / stamp
+
+
+def base_model(run_dir: Path | None) -> str | None:
+    """The model a run started from (its config's model.name): the default baseline."""
+    if run_dir is None:
+        return None
+    from tunelab.config import load_config
+
+    return load_config(str(run_dir / "config.yaml")).model.name
+
+
+def plan(names: list[str], run_dir: Path | None, *, dataset: str | None, adapter: str | None,
+         fields: dict[str, str] | None, split: str, limit: int | None) -> list[DatasetTask | str]:
+    """The tasks in the order asked, with their rows loaded and checked: DatasetTasks, and
+    harness task names (run together in one lm-eval pass)."""
+    from tunelab.evals.tasks import check_names, custom_task, is_task_file
+
+    check_names(names)
+    rows = None
+    if any(name in ROW_TASKS for name in names):
+        rows = default_rows(run_dir, dataset=dataset, adapter=adapter, fields=fields, split=split, limit=limit)
+    planned: list[DatasetTask | str] = []
+    for name in dict.fromkeys(names):
+        if is_task_file(name):
+            planned.append(custom_task(Path(name), limit))
+        elif name in ROW_TASKS:
+            planned.append(DatasetTask(name, (name,), rows))
+        else:
+            planned.append(name)
+    keys = [task_key(task) for task in planned]
+    if len(set(keys)) < len(keys):
+        raise TunelabError(f"--tasks: two tasks share a name ({', '.join(keys)}); rename the task file's `name`")
+    return planned
+
+
+def default_rows(run_dir: Path | None, *, dataset: str | None, adapter: str | None,
+                 fields: dict[str, str] | None, split: str, limit: int | None) -> Rows:
+    """--dataset/--adapter rows when given, else the run folder's held-out rows."""
+    from tunelab.evals.tasks import load_rows, run_rows
+
+    if (dataset is None) != (adapter is None):
+        raise TunelabError("--dataset and --adapter go together: --dataset SOURCE --adapter NAME")
+    if dataset is not None:
+        return load_rows(dataset, adapter, fields, split, limit)
+    if run_dir is None:
+        raise TunelabError(
+            f"tasks {', '.join(ROW_TASKS)} need evaluation rows: the target is not a run folder, "
+            "so pass --dataset SOURCE --adapter NAME (e.g. --dataset ../shared/data/samsum --adapter samsum)"
+        )
+    return run_rows(run_dir, limit)
+
+
+def task_key(task: DatasetTask | str) -> str:
+    return task if isinstance(task, str) else task.name
+
+
+def data_origins(planned: list[DatasetTask | str], data_dir: Path | None) -> dict[str, str]:
+    """Where each task's rows come from, for results.json and the report (local harness files are
+    checked here, before any model loads)."""
+    from tunelab.evals.harness import local_file
+
+    def origin(task: DatasetTask | str) -> str:
+        if not isinstance(task, str):
+            return task.rows.origin
+        return str(local_file(task, data_dir)) if data_dir else "lm-eval built-in task (Hugging Face Hub)"
+
+    return {task_key(task): origin(task) for task in planned}
+
+
+def evaluate_model(name: str, label: str, *, planned: list[DatasetTask | str], limit: int | None,
+                   data_dir: Path | None, max_new_tokens: int, batch_size: int) -> tuple[dict, list[dict]]:
+    """({task: metrics} in the planned order, prediction rows tagged with `label`) for one model."""
+    from tunelab.evals import harness
+    from tunelab.evals.tasks import Generations
+    from tunelab.models.build import load_for_eval
+
+    log.info("evaluating the %s model %s", label, name)
+    model, tokenizer = load_for_eval(name)
+    generations = Generations(model, tokenizer, batch_size, max_new_tokens, label)
+    metrics, predictions = {}, []
+    for task in planned:
+        if isinstance(task, DatasetTask):
+            metrics[task.name], rows = task.run(model, tokenizer, generations, batch_size)
+            predictions += rows
+    names = [task for task in planned if isinstance(task, str)]
+    if names:
+        found, rows = harness.evaluate(model, tokenizer, names, limit=limit, batch_size=batch_size, data_dir=data_dir)
+        metrics.update(found)
+        predictions += rows
+    ordered = {task_key(task): metrics[task_key(task)] for task in planned}
+    return ordered, [{"task": row["task"], "model": label, **row} for row in predictions]
+
+
+def write_outputs(out: Path, results: dict, predictions: list[dict]) -> None:
+    from tunelab.tracking.metrics import atomic_write_text, write_json
+    from tunelab.tracking.plots import plot_comparison
+    from tunelab.tracking.report import write_eval_report
+
+    write_json(out / "results.json", results)
+    lines = (json.dumps(row, ensure_ascii=False) + "\n" for row in predictions)
+    atomic_write_text(out / "predictions.jsonl", "".join(lines))
+    chart = plot_comparison(results, out / "comparison.png")
+    write_eval_report(out, results, predictions, chart)
+    log.info("evaluation written to %s", out)
