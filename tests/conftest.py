@@ -59,3 +59,13 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
     make_tiny_model(tokenizer).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def task_dir(tmp_path_factory) -> Path:
+    """The quickstart's generated meetup-chat task (train/validation jsonl of `messages`)."""
+    from tunelab.stages.quickstart import write_task
+
+    folder = tmp_path_factory.mktemp("meetup")
+    write_task(folder, seed=0)
+    return folder

@@ -13,7 +13,6 @@ from tunelab.config import DataConfig, load_config
 from tunelab.data.prepare import split
 from tunelab.errors import TunelabError
 from tunelab.stages import kfold, sft
-from tunelab.stages.quickstart import write_task
 from tunelab.tracking.report import format_kfold
 
 
@@ -112,13 +111,6 @@ def test_aggregate_and_best_point():
 
 
 # ---- end to end on a tiny random Llama ----
-
-
-@pytest.fixture(scope="module")
-def task_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("meetup")
-    write_task(folder, seed=0)
-    return folder
 
 
 def _cfg(folder, model_dir, task_dir, *overrides):

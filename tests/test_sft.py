@@ -11,16 +11,8 @@ from tests.conftest import make_tiny_model
 from tunelab.config import load_config
 from tunelab.errors import TunelabError
 from tunelab.stages import sft
-from tunelab.stages.quickstart import write_task
 
 RUN_FILES = {"config.yaml", "metrics.jsonl", "summary.json", "report.html", "samples.jsonl", "plots", "checkpoints"}
-
-
-@pytest.fixture(scope="module")
-def task_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("meetup")
-    write_task(folder, seed=0)
-    return folder
 
 
 def _cfg(tmp_path, model_dir, task_dir, *overrides):
