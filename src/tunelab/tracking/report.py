@@ -320,12 +320,12 @@ def _eval_samples_html(predictions: list[dict]) -> str:
     by_task: dict[str, dict[str, list[dict]]] = {}
     for row in predictions:
         by_task.setdefault(row["task"], {}).setdefault(row["model"], []).append(row)
-    cols = ("prompt", "reference", "target", "baseline")
     parts = []
     for task, models in by_task.items():
         target, baseline = models.get("target", []), models.get("baseline", [])
+        cols = ("prompt", "reference", "target", "baseline")[: 4 if baseline else 3]
         cells = [
-            (row["prompt"], row["reference"], row["prediction"], baseline[i]["prediction"] if i < len(baseline) else "")
+            (row["prompt"], row["reference"], row["prediction"], *(b["prediction"] for b in baseline[i : i + 1]))
             for i, row in enumerate(target[:MAX_SAMPLES])
         ]
         body = "".join("<tr>" + "".join(f'<td class="text">{escape(c)}</td>' for c in row) + "</tr>" for row in cells)
