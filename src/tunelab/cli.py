@@ -6,6 +6,7 @@ Heavy libraries are imported inside the commands, so `--help` and config errors 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -59,6 +60,18 @@ def _kfold(args) -> None:
     print(f"\nk-fold folder: {result['dir']}  (report: {result['dir']}/kfold.html)")
 
 
+def _preference(args) -> None:
+    """`tunelab reward|dpo|rl RECIPE`: the preference stages share SFT's config and run folder."""
+    import importlib
+
+    from tunelab.config import load_config
+
+    overrides = list(args.overrides) + (["train.resume=true"] if args.resume else [])
+    cfg = load_config(args.recipe, overrides)
+    result = importlib.import_module(f"tunelab.stages.{args.command}").run(cfg)
+    _print_result(result)
+
+
 def _merge(args) -> None:
     from pathlib import Path
 
@@ -86,8 +99,16 @@ COMMANDS = {
     "quickstart": (_quickstart, "offline demo: LoRA on the embedded SmolLM2, before/after table"),
     "eval": (_eval, "evaluate a run, adapter or model on task metrics and standard benchmarks, vs. a baseline"),
     "kfold": (_kfold, "k-fold cross-validation of a recipe (and of its sweep grid), one aggregated report"),
+    "reward": (_preference, "train a reward model (sequence classifier, LoRA/QLoRA) on preference pairs"),
+    "dpo": (_preference, "direct preference optimisation (LoRA/QLoRA) on preference pairs"),
+    "rl": (_preference, "online RL (trl RLOO) against a trained reward model, KL-controlled"),
     "merge": (_merge, "fold a LoRA run's adapter into its base and save a full model folder"),
 }
+
+
+# Command groups that live beside their building block; each module's `register(subparsers)`
+# adds its subcommands (and must import only light modules at the top).
+COMMAND_GROUPS = ("tunelab.inference.commands", "tunelab.review.commands")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,8 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (func, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(func=func)
-        if name == "train":
-            p.add_argument("recipe", help="recipe YAML, e.g. recipes/samsum-lora.yaml")
+        if name in ("train", "reward", "dpo", "rl"):
+            p.add_argument("recipe", help=f"recipe YAML, e.g. recipes/{'samsum-lora' if name == 'train' else name}.yaml")
             p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
             _add_overrides(p)
         elif name == "quickstart":
@@ -126,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
         elif name == "merge":
             p.add_argument("run", help="a LoRA run folder or adapter folder")
             p.add_argument("--output", required=True, help="folder for the merged model")
+    for module in COMMAND_GROUPS:
+        importlib.import_module(module).register(sub)
     return parser
 
 
