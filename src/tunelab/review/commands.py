@@ -1,5 +1,132 @@
-"""`tunelab review init | add-reviewer | add-task | serve | report | export`."""
+"""`tunelab review init | add-reviewer | add-task | serve | report | export`.
+
+Only argparse is imported here; each command imports its module when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+DB_HELP = "review database: a SQLite file path or URL, or postgresql://user@host/db (default: $TUNELAB_REVIEW_DB or review.db)"
+
+
+def _store(args, check: bool = True):
+    from tunelab.review.store import Store
+
+    store = Store(args.db)
+    return store.check() if check else store
+
+
+def _kinds(kind: str) -> list[str]:
+    return ["rank", "rubric"] if kind == "both" else [kind]
+
+
+def _init(args) -> None:
+    from tunelab.review import project
+
+    store = _store(args, check=False)
+    project.init(store, project.load_rubric(Path(args.rubric) if args.rubric else None), args.per_item)
+    print(f"review project ready in {store.url} ({args.per_item} reviewers per item)")
+    print("next: tunelab review add-reviewer NAME [--admin], then tunelab review add-task ...")
+
+
+def _add_reviewer(args) -> None:
+    from tunelab.review import project
+
+    token = project.add_reviewer(_store(args), args.name, admin=args.admin)
+    print(f"reviewer {args.name!r}{' (admin)' if args.admin else ''} created. Token (shown once, keep it secret):")
+    print(token)
+
+
+def _add_task(args) -> None:
+    from tunelab.errors import TunelabError
+
+    store = _store(args)
+    if bool(args.prompts) == bool(args.imports):
+        raise TunelabError("add-task: give either a PROMPTS file (with --model) or --import FILE..., not both or neither")
+    if args.imports:
+        from tunelab.review.project import import_files
+
+        added, skipped = import_files(store, [Path(p) for p in args.imports], _kinds(args.kind), args.per_item)
+    else:
+        from tunelab.review.generate import add_generated
+
+        added, skipped = add_generated(
+            store, Path(args.prompts), args.model or [], args.k, _kinds(args.kind), args.per_item,
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+        )
+    print(f"added {added} items" + (f" ({skipped} already present, skipped)" if skipped else ""))
+
+
+def _serve(args) -> None:
+    import uvicorn
+
+    from tunelab.review.app import create_app
+
+    app = create_app(_store(args))
+    print(f"review app on http://{args.host}:{args.port}/  (admin view: /admin; Ctrl-C stops)")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
+def _report(args) -> None:
+    from tunelab.review.report import format_summary, write_report
+
+    path, summary = write_report(_store(args), Path(args.output))
+    print(format_summary(summary))
+    print(f"\nreport: {path}")
+
+
+def _export(args) -> None:
+    from tunelab.review.export import export
+
+    n = export(_store(args), Path(args.to), args.pairs, args.min_reviewers)
+    print(f"wrote {n} preference pairs to {args.to}")
 
 
 def register(sub) -> None:
     """Add the review subcommands to the `tunelab` parser."""
+    review = sub.add_parser("review", help="human review: rank and rubric-score model outputs in a browser",
+                            description="Human review of model outputs: rankings (-> preference pairs) and rubric scores.")
+    cmds = review.add_subparsers(dest="review_command", required=True)
+    db = argparse.ArgumentParser(add_help=False)
+    db.add_argument("--db", default=os.environ.get("TUNELAB_REVIEW_DB", "review.db"), help=DB_HELP)
+
+    def add(name: str, func, help_text: str) -> argparse.ArgumentParser:
+        p = cmds.add_parser(name, parents=[db], help=help_text, description=help_text)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("init", _init, "create a review project (tables, rubric, reviewers per item)")
+    p.add_argument("--rubric", help="rubric YAML: criteria with name, description, weight, scale [lo, hi], levels "
+                                    "(default: accuracy x2, coherence, safety on 1-5)")
+    p.add_argument("--per-item", type=int, default=3, help="distinct reviewers per item (default 3)")
+
+    p = add("add-reviewer", _add_reviewer, "create a reviewer and print their login token")
+    p.add_argument("name")
+    p.add_argument("--admin", action="store_true", help="may see the progress view (/admin)")
+
+    p = add("add-task", _add_task, "add items: generate outputs for a prompts file, or --import outputs")
+    p.add_argument("prompts", nargs="?", help='JSONL of {"prompt": ...} or {"messages": [...]} (optional "id", "reference")')
+    p.add_argument("--model", action="append", help="model or run that answers the prompts (repeat for several)")
+    p.add_argument("-k", type=int, default=1, help="outputs per prompt per model (sampled when > 1; default 1, greedy)")
+    p.add_argument("--import", dest="imports", nargs="+", metavar="FILE",
+                   help="JSONL with outputs present (`tunelab eval --export-manual` files)")
+    p.add_argument("--kind", choices=("rank", "rubric", "both"), default="rank", help="task kind (default rank)")
+    p.add_argument("--per-item", type=int, help="distinct reviewers per item (default: the project's)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature when -k > 1")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = add("serve", _serve, "run the review web app")
+    p.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1; 0.0.0.0 for a network)")
+    p.add_argument("--port", type=int, default=8000)
+
+    p = add("report", _report, "per-model and per-item scores, agreement, outlying reviewers: HTML report with plots")
+    p.add_argument("--output", default="review-report", help="folder for report.html, summary.json, plots/")
+
+    p = add("export", _export, "write preference pairs (prompt/chosen/rejected) from the rankings")
+    p.add_argument("--to", required=True, help="output JSONL, e.g. preferences.jsonl")
+    p.add_argument("--pairs", choices=("all", "best-worst"), default="all", help="all ordered pairs, or best vs worst")
+    p.add_argument("--min-reviewers", type=int, default=1, help="skip items with fewer finished reviews")

@@ -1,0 +1,87 @@
+"""Who reviews what: each item goes to `item.needed` distinct reviewers, never twice to one.
+
+Items are handed out on demand (a reviewer asks for the next one), so reviewers added later
+take part, and nobody waits for a fixed plan. The invariants are the database's own unique
+constraints — (item, reviewer) and (item, slot) — so they hold under concurrent claims on
+PostgreSQL too; a lost race raises IntegrityError and the caller's transaction is retried.
+"""
+
+from __future__ import annotations
+
+import random
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from tunelab.review.store import Assignment, Item, Reviewer, Store
+
+# Claims pick at random among this many of the most-reviewed open items: items fill up (and
+# become usable) early, while concurrent reviewers rarely collide on one slot.
+SPREAD = 8
+
+
+def pending(s: Session, reviewer_id: int) -> Assignment | None:
+    return s.scalar(
+        select(Assignment).where(Assignment.reviewer_id == reviewer_id, Assignment.done.is_(False))
+        .order_by(Assignment.id).limit(1)
+    )
+
+
+def claim_in(s: Session, reviewer_id: int, rng: random.Random) -> Assignment | None:
+    """The reviewer's unfinished assignment, else a new one on an open item they have not had;
+    None when nothing is left for them."""
+    current = pending(s, reviewer_id)
+    if current is not None:
+        return current
+    count = func.count(Assignment.id)
+    mine = select(Assignment.item_id).where(Assignment.reviewer_id == reviewer_id)
+    open_items = s.execute(
+        select(Item.id, Item.needed).outerjoin(Assignment, Assignment.item_id == Item.id)
+        .where(Item.id.not_in(mine)).group_by(Item.id, Item.needed)
+        .having(count < Item.needed).order_by(count.desc(), Item.id).limit(SPREAD)
+    ).all()
+    if not open_items:
+        return None
+    item_id, needed = rng.choice(open_items)
+    taken = set(s.scalars(select(Assignment.slot).where(Assignment.item_id == item_id)))
+    slot = min(set(range(needed)) - taken)
+    assignment = Assignment(item_id=item_id, reviewer_id=reviewer_id, slot=slot)
+    s.add(assignment)
+    s.flush()  # a lost race fails here, inside the transaction that store.write retries
+    return assignment
+
+
+def claim(store: Store, reviewer_id: int, rng: random.Random | None = None) -> int | None:
+    """Id of the reviewer's next assignment (see `claim_in`), in its own retried transaction."""
+    rng = rng or random.Random()
+
+    def run(s):
+        a = claim_in(s, reviewer_id, rng)
+        return a.id if a else None
+
+    return store.write(run, retry=(IntegrityError,))
+
+
+def progress(s: Session) -> dict:
+    """For the admin view: totals, per reviewer (done, open, last submission) and per item
+    (done/needed and who has it)."""
+    reviewers = {r.id: {"name": r.name, "admin": r.admin, "done": 0, "pending": 0, "last": None}
+                 for r in s.scalars(select(Reviewer).order_by(Reviewer.name))}
+    items = {i.id: {"external_id": i.external_id, "kind": i.kind, "needed": i.needed, "done": 0, "reviewers": []}
+             for i in s.scalars(select(Item).order_by(Item.id))}
+    for a in s.scalars(select(Assignment).order_by(Assignment.id)):
+        r, i = reviewers[a.reviewer_id], items[a.item_id]
+        r["done" if a.done else "pending"] += 1
+        if a.submitted_at and (r["last"] is None or a.submitted_at > r["last"]):
+            r["last"] = a.submitted_at
+        i["done"] += a.done
+        i["reviewers"].append((r["name"], a.done))
+    totals = {
+        "done": sum(r["done"] for r in reviewers.values()),
+        "pending": sum(r["pending"] for r in reviewers.values()),
+        "needed": sum(i["needed"] for i in items.values()),
+        "items": len(items),
+        "items_complete": sum(i["done"] >= i["needed"] for i in items.values()),
+    }
+    return {"totals": totals, "reviewers": list(reviewers.values()), "items": list(items.values())}

@@ -1,0 +1,59 @@
+"""`tunelab review export`: preference pairs from the rankings, for reward modelling and DPO.
+
+Each rank item's rankings are merged into one consensus (mean rank over its reviewers); pairs
+are taken from it (`all`: every pair of outputs whose consensus ranks differ; `best-worst`:
+the best output(s) against the worst), ties skipped. Every row carries the item's agreement
+(Kendall's W of its reviewers; null with one reviewer) and the number of reviewers, so a
+trainer can filter or weight by them. Row shape:
+{"id", "prompt": [{role, content}], "chosen", "rejected", "agreement", "n_reviewers"}.
+"""
+
+from __future__ import annotations
+
+import json
+from itertools import combinations
+from pathlib import Path
+
+from tunelab.errors import TunelabError
+from tunelab.review.agreement import kendalls_w
+from tunelab.review.aggregate import Reviews, consensus, load
+from tunelab.review.store import Store
+from tunelab.tracking.metrics import atomic_write_text
+
+PAIRS = ("all", "best-worst")
+
+
+def pairs(reviews: Reviews, mode: str = "all", min_reviewers: int = 1) -> list[dict]:
+    if mode not in PAIRS:
+        raise TunelabError(f"--pairs {mode}: use one of {', '.join(PAIRS)}")
+    rows = []
+    for item in (i for i in reviews.items.values() if i.kind == "rank"):
+        _, ranks = reviews.rank_matrix(item)
+        if len(ranks) < max(min_reviewers, 1):
+            continue
+        mean = consensus(ranks)
+        if mode == "all":
+            chosen_rejected = [(i, j) if mean[i] < mean[j] else (j, i)
+                               for i, j in combinations(range(len(mean)), 2) if mean[i] != mean[j]]
+        else:
+            best = [i for i, v in enumerate(mean) if v == mean.min()]
+            worst = [i for i, v in enumerate(mean) if v == mean.max()]
+            chosen_rejected = [] if mean.min() == mean.max() else [(i, j) for i in best for j in worst]
+        agreement = kendalls_w(ranks)
+        for n, (i, j) in enumerate(chosen_rejected):
+            rows.append({
+                "id": f"{item.external_id}-{n}",
+                "prompt": item.prompt,
+                "chosen": item.outputs[i][2],
+                "rejected": item.outputs[j][2],
+                "agreement": None if agreement is None else round(agreement, 4),
+                "n_reviewers": len(ranks),
+            })
+    return rows
+
+
+def export(store: Store, to: Path, mode: str = "all", min_reviewers: int = 1) -> int:
+    """Write the pairs as JSONL (atomically) and return how many."""
+    rows = pairs(load(store), mode, min_reviewers)
+    atomic_write_text(to, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return len(rows)

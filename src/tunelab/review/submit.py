@@ -1,0 +1,93 @@
+"""Saving a reviewer's ranking or rubric scores: validated whole, then written in one transaction.
+
+Form fields: `rank_<output id>` (1 = best, equal numbers are ties) for rank items,
+`score_<output id>_<criterion id>` for rubric items, and an optional `comment`.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from tunelab.errors import TunelabError
+from tunelab.review.store import MAX_COMMENT, Assignment, Criterion, Ranking, Score, Store, now
+
+
+class SubmissionError(TunelabError):
+    """A submission the reviewer can fix (missing or out-of-range value); nothing was saved."""
+
+
+class NotYours(SubmissionError):
+    """The assignment does not exist or belongs to another reviewer."""
+
+
+def _integer(form: Mapping[str, str], key: str, lo: int, hi: int, what: str) -> int:
+    raw = form.get(key)
+    if raw is None or str(raw).strip() == "":
+        raise SubmissionError(f"{what}: missing; give every output a value")
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SubmissionError(f"{what}: {str(raw)[:20]!r} is not a whole number") from None
+    if not lo <= value <= hi:
+        raise SubmissionError(f"{what}: {value} is outside {lo}..{hi}")
+    return value
+
+
+def parse(s: Session, assignment: Assignment, form: Mapping[str, str], labels: dict[int, str]) -> list:
+    """The Ranking or Score rows a form describes; raises SubmissionError before anything is written."""
+    outputs = assignment.item.outputs
+    if assignment.item.kind == "rank":
+        return [
+            Ranking(assignment_id=assignment.id, output_id=o.id,
+                    rank=_integer(form, f"rank_{o.id}", 1, len(outputs), f"rank of output {labels[o.id]}"))
+            for o in outputs
+        ]
+    criteria = s.scalars(select(Criterion).order_by(Criterion.position)).all()
+    return [
+        Score(assignment_id=assignment.id, output_id=o.id, criterion_id=c.id,
+              score=_integer(form, f"score_{o.id}_{c.id}", c.scale_min, c.scale_max,
+                             f"{c.name} of output {labels[o.id]}"))
+        for o in outputs for c in criteria
+    ]
+
+
+def labels_for(assignment: Assignment) -> dict[int, str]:
+    """Output id -> the letter the reviewer sees (A, B, ...), in this assignment's shuffled order."""
+    return {o.id: chr(ord("A") + i) for i, o in enumerate(display_order(assignment))}
+
+
+def display_order(assignment: Assignment) -> list:
+    """The item's outputs in an order fixed per assignment (seeded by its id) and blind to models."""
+    outputs = list(assignment.item.outputs)
+    random.Random(assignment.id).shuffle(outputs)
+    return outputs
+
+
+def _mark_done(assignment: Assignment, comment: str | None) -> None:
+    assignment.done = True
+    assignment.comment = comment
+    assignment.submitted_at = now()
+
+
+def submit(store: Store, reviewer_id: int, assignment_id: int, form: Mapping[str, str]) -> None:
+    """Validate and save one submission atomically; a second submission of the same assignment
+    is refused (the row is locked first, so two racing submits cannot both pass the check)."""
+    comment = (form.get("comment") or "").strip() or None
+    if comment is not None and len(comment) > MAX_COMMENT:
+        raise SubmissionError(f"comment: at most {MAX_COMMENT} characters, got {len(comment)}")
+
+    def save(s: Session) -> None:
+        assignment = s.scalar(select(Assignment).where(Assignment.id == assignment_id).with_for_update())
+        if assignment is None or assignment.reviewer_id != reviewer_id:
+            raise NotYours(f"assignment {assignment_id} is not yours")
+        if assignment.done:
+            raise SubmissionError("this item was already submitted")
+        s.add_all(parse(s, assignment, form, labels_for(assignment)))
+        s.flush()
+        _mark_done(assignment, comment)
+
+    store.write(save)

@@ -1,0 +1,56 @@
+// Keyboard ranking: letters from best to worst; "=" ties the next letter with the previous one.
+// The keys only fill in the rank boxes, so the form works the same without this script.
+(function () {
+  const form = document.getElementById("review-form");
+  if (!form || form.dataset.kind !== "rank") return;
+  const selects = Array.from(form.querySelectorAll("select[data-label]"));
+  const byLabel = Object.fromEntries(selects.map((s) => [s.dataset.label, s]));
+  const order = document.getElementById("order");
+  let groups = [];  // [["A"], ["C", "B"]]: best group first, ties share a group
+  let tieNext = false;
+
+  function apply() {
+    selects.forEach((s) => { s.value = ""; });
+    let rank = 1;
+    for (const group of groups) {
+      group.forEach((label) => { byLabel[label].value = String(rank); });
+      rank += group.length;  // competition ranking: 1, 2, 2, 4
+    }
+    show();
+  }
+
+  function show() {  // the order as the boxes say it (also after picking ranks by hand)
+    const ranked = selects.filter((s) => s.value).sort((a, b) => a.value - b.value);
+    document.querySelectorAll(".card").forEach((c) => c.classList.toggle("placed", byLabel[c.dataset.label].value !== ""));
+    if (!ranked.length) { order.innerHTML = '<span class="muted">Your order appears here.</span>'; return; }
+    const parts = [];
+    ranked.forEach((s, i) => {
+      const sep = i === 0 ? "" : (s.value === ranked[i - 1].value ? " = " : " > ");
+      parts.push(sep + s.dataset.label);
+    });
+    const left = selects.length - ranked.length;
+    order.textContent = "Order: " + parts.join("") + (tieNext ? " = …" : "") + (left ? "  (" + left + " left)" : "  ✓ press Enter to submit");
+  }
+
+  function pick(label) {
+    if (!byLabel[label] || groups.some((g) => g.includes(label))) return;
+    if (tieNext && groups.length) groups[groups.length - 1].push(label); else groups.push([label]);
+    tieNext = false;
+    apply();
+  }
+
+  document.addEventListener("keydown", (e) => {
+    if (["TEXTAREA", "INPUT", "SELECT"].includes(e.target.tagName) || e.ctrlKey || e.metaKey || e.altKey) return;
+    const key = e.key.length === 1 ? e.key.toUpperCase() : e.key;
+    if (key === "=") { tieNext = groups.length > 0; show(); }
+    else if (key === "Backspace") { const g = groups[groups.length - 1]; if (g) { g.pop(); if (!g.length) groups.pop(); } tieNext = false; apply(); }
+    else if (key === "Escape") { groups = []; tieNext = false; apply(); }
+    else if (key === "Enter") { if (form.reportValidity()) form.submit(); }
+    else if (byLabel[key]) pick(key);
+    else return;
+    e.preventDefault();
+  });
+  form.querySelectorAll("[data-pick]").forEach((b) => b.addEventListener("click", () => pick(b.dataset.pick)));
+  selects.forEach((s) => s.addEventListener("change", () => { groups = []; show(); }));
+  show();
+})();
