@@ -1,5 +1,242 @@
 """`tunelab generate | chat | serve | bench-infer`."""
 
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tunelab.errors import TunelabError
+
+TARGET_HELP = "run folder, adapter or model folder, Hub id, .gguf file, or `embedded`"
+
+
+def _engine_options(args) -> dict:
+    return {"kv_budget_tokens": args.kv_budget_tokens, "page_size": args.page_size, "seed": args.seed}
+
+
+def _sampling(args):
+    from tunelab.inference.engine import SamplingParams
+
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, stop=tuple(args.stop or ()), seed=args.seed)
+
+
+class _Styler:
+    """The chosen style with its context, examples and variables, turning a prompt into messages."""
+
+    def __init__(self, args):
+        from tunelab.inference.prompts import load_examples, load_style
+
+        self.style = load_style(args.style)
+        self.variables = dict(_pair(v, "--var") for v in args.var or ())
+        self.context = _read(args.context, "--context") if args.context else None
+        self.examples = load_examples(args.examples, args.examples_adapter, self.style.k) if args.examples else []
+
+    def messages(self, prompt: str, context: str | None = None, history=()) -> list[dict]:
+        return self.style.messages(prompt, context=context or self.context, examples=self.examples,
+                                   variables=self.variables, history=history)
+
+
+def _pair(text: str, flag: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise TunelabError(f"{flag}: expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def _read(path: str, flag: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError as err:
+        raise TunelabError(f"{flag} {path}: cannot read it: {err.strerror}") from None
+
+
+def _input_rows(path: str) -> list[dict]:
+    rows = []
+    for line_no, line in enumerate(_read(path, "--input").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise TunelabError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise TunelabError(f"{path}:{line_no}: field 'prompt' is missing or not a string")
+        rows.append(row)
+    if not rows:
+        raise TunelabError(f"{path}: no prompts (one JSON object per line with a 'prompt' field)")
+    return rows
+
+
+def _generate(args) -> None:
+    from tqdm.auto import tqdm
+
+    from tunelab.inference.engine import load_engine
+    from tunelab.inference.prompts import prompt_ids
+
+    if (args.prompt is None) == (args.input is None):
+        raise TunelabError("generate: give --prompt TEXT or --input prompts.jsonl (one of them)")
+    styler, params = _Styler(args), _sampling(args)
+    rows = _input_rows(args.input) if args.input else None
+    engine = load_engine(args.target, args.backend, **_engine_options(args))
+    tok = engine.tokenizer
+    try:
+        if rows is None:
+            for piece in engine.stream(prompt_ids(tok, styler.messages(args.prompt)), params):
+                print(piece, end="", flush=True)
+            print()
+            return
+        prompts = [prompt_ids(tok, styler.messages(r["prompt"], r.get("context"))) for r in rows]
+        with tqdm(total=len(prompts), desc="generating", unit="prompt") as bar:
+            done = engine.generate(prompts, params, progress=bar)
+        out = Path(args.output)
+        with out.open("w") as f:
+            for row, c in zip(rows, done):
+                f.write(json.dumps({**row, "output": c.text, "finish_reason": c.finish_reason,
+                                    "prompt_tokens": c.prompt_tokens, "completion_tokens": len(c.token_ids)}) + "\n")
+        kv = engine.kv()["summary"]
+        print(f"{len(done)} outputs written to {out}  (KV waste {kv.get('kv_waste_pct', 'n/a')} %)")
+    finally:
+        engine.close()
+
+
+def _chat(args) -> None:
+    from tunelab.inference.engine import load_engine
+    from tunelab.inference.prompts import load_style, prompt_ids, style_names
+
+    styler, params = _Styler(args), _sampling(args)
+    engine = load_engine(args.target, args.backend, **_engine_options(args))
+    history: list[dict] = []
+    print(f"chatting with {args.target} (style {styler.style.name}); /style NAME, /reset, /exit")
+    try:
+        while True:
+            try:
+                line = input("you> ").strip()
+            except EOFError:
+                break
+            if not line:
+                continue
+            if line in ("/exit", "/quit"):
+                break
+            if line == "/reset":
+                history = []
+                print("(conversation cleared)")
+                continue
+            if line.startswith("/style"):
+                name = line.removeprefix("/style").strip()
+                try:
+                    styler.style = load_style(name)
+                    print(f"(style {styler.style.name})")
+                except TunelabError as err:
+                    print(f"({err}; built in: {', '.join(style_names())})")
+                continue
+            try:
+                messages = styler.messages(line, history=history)
+            except TunelabError as err:
+                print(f"({err})")
+                continue
+            print("model> ", end="", flush=True)
+            reply = ""
+            for piece in engine.stream(prompt_ids(engine.tokenizer, messages), params):
+                print(piece, end="", flush=True)
+                reply += piece
+            print()
+            history += [{"role": "user", "content": line}, {"role": "assistant", "content": reply}]
+    finally:
+        engine.close()
+
+
+def _serve(args) -> None:
+    import uvicorn
+
+    from tunelab.inference.engine import build_engine, choose_backend
+    from tunelab.inference.server import create_app, load_with_adapters, parse_adapters
+
+    adapters = parse_adapters(args.adapters)
+    backend = choose_backend(args.backend)
+    if backend == "vllm":
+        raise TunelabError("serve: the vllm backend has its own server (`vllm serve`); use --backend paged here")
+    model, tokenizer = load_with_adapters(args.target, adapters)
+    options = _engine_options(args) | ({"sampling": True} if backend == "paged" else {})
+    engine = build_engine(backend, model, tokenizer, **options)
+    app = create_app(engine, args.target, adapters=list(adapters), api_key=args.api_key,
+                     default_max_tokens=args.max_new_tokens)
+    print(f"serving {args.target} ({backend}) on http://{args.host}:{args.port}/v1  models: "
+          f"{', '.join([args.target, *adapters])}", flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        engine.close()
+
+
+def _bench(args) -> None:
+    from tunelab.inference.bench import bench, dataset_prompts, format_table, write_rows
+    from tunelab.models.build import load_for_eval
+
+    model, tokenizer = load_for_eval(args.target)
+    prompts, origin = dataset_prompts(tokenizer, args.dataset, args.adapter, args.split, args.n)
+    budget = args.kv_budget_tokens or 2 * (max(map(len, prompts)) + args.max_new_tokens)
+    print(f"{len(prompts)} prompts from {origin}: {min(map(len, prompts))}-{max(map(len, prompts))} tokens "
+          f"(mean {sum(map(len, prompts)) / len(prompts):.0f}), {args.max_new_tokens} new tokens each (greedy), "
+          f"KV budget {budget} tokens for both backends", flush=True)
+    rows = bench(model, tokenizer, prompts, [args.max_new_tokens] * len(prompts), kv_budget_tokens=budget,
+                 page_size=args.page_size)
+    print()
+    print(format_table(rows))
+    if args.output:
+        write_rows(rows, Path(args.output))
+        print(f"\nrows written to {args.output}")
+
+
+def _add_model_options(p, styles: bool = True) -> None:
+    p.add_argument("target", help=TARGET_HELP)
+    p.add_argument("--backend", default="auto", choices=["auto", "paged", "static", "vllm"],
+                   help="auto: vllm when installed with a GPU, else paged (transformers' paged KV cache)")
+    p.add_argument("--kv-budget-tokens", type=int, help="KV cache size in tokens (default: 8192 on CPU, from free memory on a GPU)")
+    p.add_argument("--page-size", type=int, default=16, help="tokens per KV block (paged)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="generation length limit")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, help="seed for sampling")
+    if styles:
+        p.add_argument("--style", default="plain", help="plain, role, cot, grounded, few_shot, or your style .yaml")
+        p.add_argument("--var", action="append", metavar="KEY=VALUE", help="a style variable, e.g. persona=\"a tax advisor\"")
+        p.add_argument("--context", help="file with context passages (style grounded)")
+        p.add_argument("--examples", help="few-shot examples: .jsonl of prompt/completion or messages, or a dataset")
+        p.add_argument("--examples-adapter", help="data adapter when --examples is a dataset (e.g. samsum)")
+
 
 def register(sub) -> None:
     """Add the inference subcommands to the `tunelab` parser."""
+    p = sub.add_parser("generate", help="generate from a prompt or a prompts.jsonl file (streams to the terminal)")
+    _add_model_options(p)
+    p.add_argument("--prompt", help="one prompt; the answer streams to the terminal")
+    p.add_argument("--input", help="prompts.jsonl: one {\"prompt\": ..., \"context\": optional} per line")
+    p.add_argument("--output", default="outputs.jsonl", help="where --input's outputs go")
+    p.set_defaults(func=_generate)
+
+    p = sub.add_parser("chat", help="interactive multi-turn chat (streaming; /style NAME, /reset, /exit)")
+    _add_model_options(p)
+    p.set_defaults(func=_chat)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions, models, metrics)")
+    _add_model_options(p, styles=False)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every request")
+    p.add_argument("--adapters", help="extra LoRA adapters by name: a=runs/a,b=runs/b (the request's model picks one)")
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("bench-infer", help="static vs paged generation at the same KV budget: tokens/s, p50/p99, KV waste")
+    p.add_argument("target", help=TARGET_HELP)
+    p.add_argument("--dataset", help="prompt source (default: the quickstart's generated chats), e.g. ../shared/data/samsum")
+    p.add_argument("--adapter", help="data adapter for --dataset (samsum, alpaca, ...)")
+    p.add_argument("--split", default="validation")
+    p.add_argument("-n", type=int, default=12, help="number of prompts")
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--kv-budget-tokens", type=int, help="KV budget for both backends (default: twice the longest request)")
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--output", help="write the rows as JSON")
+    p.set_defaults(func=_bench)

@@ -188,9 +188,11 @@ class Engine(ABC):
         self._submit(handle)
         return handle
 
-    def submit_many(self, prompts: list[list[int]], params: SamplingParams) -> list[Handle]:
-        """Submit a workload at once (a static batch can then take all of it from the start)."""
-        handles = [self._handle(p, params) for p in prompts]
+    def submit_many(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Handle]:
+        """Submit a workload at once (a static batch can then take all of it from the start);
+        one SamplingParams for all, or one per prompt."""
+        per_prompt = params if isinstance(params, list) else [params] * len(prompts)
+        handles = [self._handle(p, sp) for p, sp in zip(prompts, per_prompt)]
         self._submit_many(handles)
         return handles
 

@@ -44,10 +44,16 @@ class KVLedger:
     def __init__(self, bytes_per_token: int, keep: int = 2048):
         self.bytes_per_token = bytes_per_token
         self.batches: deque[KVSnapshot] = deque(maxlen=keep)
-        self.current = KVSnapshot()
         self._lock = threading.Lock()
-        self._steps = self._reserved = self._live = 0
-        self._peak_reserved = self._peak_blocks = self._peak_running = 0
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new summary (e.g. after a warm-up)."""
+        with self._lock:
+            self.batches.clear()
+            self.current = KVSnapshot()
+            self._steps = self._reserved = self._live = 0
+            self._peak_reserved = self._peak_blocks = self._peak_running = 0
 
     def record(self, snap: KVSnapshot, step: bool = True) -> None:
         """Keep `snap` as the current state; a generation step (not an idle poll) also counts in the summary."""
@@ -86,10 +92,10 @@ class KVLedger:
             }
 
 
-def static_batch_snapshots(prompt_lens: list[int], generated: list[int], width: int) -> list[KVSnapshot]:
-    """What a left-padded `generate()` batch holds at each step: every row keeps `width` (the
-    longest prompt) plus one position per step until the longest row stops, finished rows included."""
-    rows, steps = len(prompt_lens), max(generated, default=0)
+def static_batch_snapshots(prompt_lens: list[int], generated: list[int], width: int, steps: int) -> list[KVSnapshot]:
+    """What a left-padded `generate()` batch holds at each of its `steps`: every row keeps `width`
+    (the longest prompt) plus one position per step, finished rows included."""
+    rows = len(prompt_lens)
     return [
         KVSnapshot(reserved_tokens=rows * (width + t), live_tokens=sum(p + min(t, g) for p, g in zip(prompt_lens, generated)),
                    running=sum(g > t for g in generated) or rows)
@@ -108,7 +114,7 @@ class PagedCacheReader:
 
     def __init__(self):
         self._active_before: set[str] = set()
-        self.preemptions = 0
+        self.preemptions = 0  # cumulative over the reader's life, like the engine's
 
     @staticmethod
     def _allocators(cache) -> list[tuple[object, int, float]]:

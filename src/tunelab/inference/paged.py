@@ -70,6 +70,8 @@ class PagedEngine(Engine):
             max_batch_tokens = 256
         from transformers import GenerationConfig
 
+        if not logging.getLogger().isEnabledFor(logging.DEBUG):  # its INFO lines are per-batch chatter
+            logging.getLogger("ContinuousBatchingLogger").setLevel(logging.WARNING)
         self.sampling = sampling
         self.eos = eos_ids(model, tokenizer)
         gen = GenerationConfig(max_new_tokens=128, eos_token_id=sorted(self.eos), pad_token_id=tokenizer.pad_token_id,

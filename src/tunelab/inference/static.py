@@ -65,17 +65,18 @@ class StaticEngine(Engine):
         return self._model_lock
 
     def _next_batch(self) -> list[Handle]:
-        """FIFO rows with the first row's sampling options, as many as the budget allows."""
-        first = self._waiting[0]
-        batch, width = [], 0
+        """FIFO rows with the first row's sampling options (token limits may differ: the batch runs
+        to the largest and cuts each row at its own), as many as the budget allows."""
+        same = dataclasses.replace(self._waiting[0].params, max_new_tokens=1)
+        batch, width, new = [], 0, 0
         for handle in list(self._waiting):
-            if handle.params != first.params or len(batch) == self.max_batch:
+            if dataclasses.replace(handle.params, max_new_tokens=1) != same or len(batch) == self.max_batch:
                 continue
-            w = max(width, len(handle.prompt_ids))
-            if batch and self.budget and (len(batch) + 1) * (w + first.params.max_new_tokens) > self.budget:
+            w, n = max(width, len(handle.prompt_ids)), max(new, handle.params.max_new_tokens)
+            if batch and self.budget and (len(batch) + 1) * (w + n) > self.budget:
                 break
             batch.append(handle)
-            width = w
+            width, new = w, n
             self._waiting.remove(handle)
         return batch
 
@@ -100,7 +101,7 @@ class StaticEngine(Engine):
     @torch.no_grad()
     def _generate(self, batch: list[Handle]) -> list[list[int]]:
         p = batch[0].params
-        width = max(len(h.prompt_ids) for h in batch)
+        width, new = max(len(h.prompt_ids) for h in batch), max(h.params.max_new_tokens for h in batch)
         pad = self.tokenizer.pad_token_id
         ids = torch.tensor([[pad] * (width - len(h.prompt_ids)) + h.prompt_ids for h in batch])
         mask = torch.tensor([[0] * (width - len(h.prompt_ids)) + [1] * len(h.prompt_ids) for h in batch])
@@ -110,10 +111,11 @@ class StaticEngine(Engine):
                                          "top_k": p.top_k or None}
         out = self.model.generate(
             input_ids=ids.to(self.model.device), attention_mask=mask.to(self.model.device),
-            max_new_tokens=p.max_new_tokens, do_sample=not p.greedy, pad_token_id=pad,
+            max_new_tokens=new, do_sample=not p.greedy, pad_token_id=pad,
             eos_token_id=sorted(self.eos), **sampling)[:, width:].tolist()
-        rows = [self._cut(row) for row in out]
-        for snap in static_batch_snapshots([len(h.prompt_ids) for h in batch], [len(r) for r in rows], width):
+        rows = [self._cut(row[: h.params.max_new_tokens]) for row, h in zip(out, batch)]
+        steps = len(out[0]) if out else 0
+        for snap in static_batch_snapshots([len(h.prompt_ids) for h in batch], [len(r) for r in rows], width, steps):
             self.ledger.record(dataclasses.replace(snap, waiting=len(self._waiting)))
         return rows
 

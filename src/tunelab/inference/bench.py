@@ -1,0 +1,102 @@
+"""`tunelab bench-infer`: the same workload through `static` and `paged` at the same KV budget.
+
+Every request arrives at once (an offline batch); latency is a request's time from arrival to
+its last token, throughput is generated tokens over the wall time of the whole workload. The
+prompts are real rows of a dataset (varied lengths), rendered through the chat template.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from tunelab.inference.engine import Engine, SamplingParams
+
+ROW_KEYS = ("backend", "tokens_per_s", "p50_ms", "p99_ms", "kv_waste_pct", "device")
+
+
+def dataset_prompts(tokenizer, dataset: str | None, adapter: str | None, split: str, n: int) -> tuple[list[list[int]], str]:
+    """(prompt token ids, where they came from): the dataset's rows, or the quickstart's generated
+    meetup chats when no dataset is given (offline, lengths vary)."""
+    from tunelab.data.templates import prompt_text
+
+    if dataset:
+        from tunelab.evals.tasks import load_rows
+
+        rows = load_rows(dataset, adapter or "custom", None, split, n)
+        messages, origin = rows.examples, rows.origin
+    else:
+        from tunelab.data.synthetic import make_meetup_task
+
+        messages, origin = [r["messages"] for r in make_meetup_task(n, seed=0)], "quickstart meetup chats (generated)"
+    ids = [tokenizer(prompt_text(tokenizer, m), add_special_tokens=False)["input_ids"] for m in messages]
+    return ids, origin
+
+
+def device_name(model) -> str:
+    import torch
+
+    if model.device.type == "cuda":
+        return torch.cuda.get_device_name(model.device)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def run_workload(engine: Engine, prompts: list[list[int]], limits: list[int], desc: str) -> dict:
+    """Submit every prompt (greedy, each with its own token limit) and time until the last finishes."""
+    start = time.perf_counter()
+    handles = engine.submit_many(prompts, [SamplingParams(max_new_tokens=n) for n in limits])
+    tokens, latencies = 0, []
+    for handle in tqdm(handles, desc=desc, leave=False):
+        for delta in handle.events():
+            tokens += len(delta.token_ids)
+            if delta.error:
+                raise RuntimeError(f"{engine.name}: request failed: {delta.error}")
+        latencies.append(handle.finished_at - start)
+    wall = time.perf_counter() - start
+    lat_ms = np.array(latencies) * 1000
+    return {"tokens_per_s": round(tokens / wall, 2), "p50_ms": round(float(np.percentile(lat_ms, 50)), 1),
+            "p99_ms": round(float(np.percentile(lat_ms, 99)), 1), "generated_tokens": tokens,
+            "requests": len(prompts), "wall_s": round(wall, 2)}
+
+
+def bench(model, tokenizer, prompts: list[list[int]], limits: list[int], *, kv_budget_tokens: int,
+          page_size: int = 16, max_batch_tokens: int | None = None, backends=("static", "paged")) -> list[dict]:
+    """One row per backend, each started fresh on the same model at the same KV budget (in tokens)."""
+    from tunelab.inference.engine import build_engine
+
+    rows = []
+    for backend in backends:
+        options = {"kv_budget_tokens": kv_budget_tokens}
+        if backend == "paged":
+            options |= {"page_size": page_size, "max_batch_tokens": max_batch_tokens, "sampling": False}
+        engine = build_engine(backend, model, tokenizer, **options)
+        try:
+            run_workload(engine, prompts[:2], [2, 2], f"{backend} warm-up")
+            engine.ledger.reset()  # the summary covers the timed workload only
+            measured = run_workload(engine, prompts, limits, backend)
+            kv = engine.kv()["summary"]
+        finally:
+            engine.close()
+        rows.append({"backend": backend, **measured, "kv_waste_pct": kv["kv_waste_pct"], "device": device_name(model),
+                     "kv_budget_tokens": kv_budget_tokens, "peak_running": kv["peak_running"],
+                     "peak_kv_reserved_mib": round(kv["peak_reserved_bytes"] / 2**20, 1),
+                     "preemptions": kv["preemptions"]})
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    cols = ["backend", "tokens_per_s", "p50_ms", "p99_ms", "kv_waste_pct", "peak_running", "preemptions"]
+    cells = [[str(r.get(c, "")) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(cols, widths)), "-+-".join("-" * w for w in widths)]
+    lines += [" | ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(row, widths))) for row in cells]
+    return "\n".join(lines)
+
+
+def write_rows(rows: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rows, indent=1) + "\n")
