@@ -21,6 +21,10 @@ from tunelab.review.store import Assignment, Item, Reviewer, Store
 SPREAD = 8
 
 
+class LostRace(Exception):
+    """Another claim filled the chosen item between our read and our insert; retry."""
+
+
 def pending(s: Session, reviewer_id: int) -> Assignment | None:
     return s.scalar(
         select(Assignment).where(Assignment.reviewer_id == reviewer_id, Assignment.done.is_(False))
@@ -45,7 +49,10 @@ def claim_in(s: Session, reviewer_id: int, rng: random.Random) -> Assignment | N
         return None
     item_id, needed = rng.choice(open_items)
     taken = set(s.scalars(select(Assignment.slot).where(Assignment.item_id == item_id)))
-    slot = min(set(range(needed)) - taken)
+    free = set(range(needed)) - taken
+    if not free:
+        raise LostRace(item_id)
+    slot = min(free)
     assignment = Assignment(item_id=item_id, reviewer_id=reviewer_id, slot=slot)
     s.add(assignment)
     s.flush()  # a lost race fails here, inside the transaction that store.write retries
@@ -60,7 +67,7 @@ def claim(store: Store, reviewer_id: int, rng: random.Random | None = None) -> i
         a = claim_in(s, reviewer_id, rng)
         return a.id if a else None
 
-    return store.write(run, retry=(IntegrityError,))
+    return store.write(run, retry=(IntegrityError, LostRace), attempts=20)
 
 
 def progress(s: Session) -> dict:

@@ -11,6 +11,7 @@ trainer can filter or weight by them. Row shape:
 from __future__ import annotations
 
 import json
+import os
 from itertools import combinations
 from pathlib import Path
 
@@ -18,7 +19,6 @@ from tunelab.errors import TunelabError
 from tunelab.review.agreement import kendalls_w
 from tunelab.review.aggregate import Reviews, consensus, load
 from tunelab.review.store import Store
-from tunelab.tracking.metrics import atomic_write_text
 
 PAIRS = ("all", "best-worst")
 
@@ -52,8 +52,18 @@ def pairs(reviews: Reviews, mode: str = "all", min_reviewers: int = 1) -> list[d
     return rows
 
 
+def write_text(path: Path, text: str) -> Path:
+    """Write via a temporary file and rename, so a reader never sees half a file. (Not
+    tracking.metrics.atomic_write_text: that module imports transformers, 15 s on 2 cores.)"""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
 def export(store: Store, to: Path, mode: str = "all", min_reviewers: int = 1) -> int:
     """Write the pairs as JSONL (atomically) and return how many."""
     rows = pairs(load(store), mode, min_reviewers)
-    atomic_write_text(to, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_text(to, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return len(rows)

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import base64
+import json
 from collections import defaultdict
 from itertools import combinations
 from pathlib import Path
@@ -17,9 +18,9 @@ from scipy.stats import rankdata
 
 from tunelab.review import agreement
 from tunelab.review.aggregate import Reviews, consensus, load
+from tunelab.review.export import write_text
 from tunelab.review.pages import render
 from tunelab.review.store import Store
-from tunelab.tracking.metrics import atomic_write_text, write_json
 
 # Outlier floors, in the units of each distance: rubric distance is a share of the scale
 # (0.15 = 0.6 points on 1-5), rank disagreement a share of comparisons.
@@ -220,6 +221,6 @@ def write_report(store: Store, out_dir: Path) -> tuple[Path, dict]:
     summary = summarise(load(store))
     plots = _plots(summary, out_dir / "plots")
     images = [(p.stem.replace("_", " "), base64.b64encode(p.read_bytes()).decode("ascii")) for p in plots]
-    write_json(out_dir / "summary.json", summary)
+    write_text(out_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
     html = render("report.html", summary=summary, images=images)
-    return atomic_write_text(out_dir / "report.html", html), summary
+    return write_text(out_dir / "report.html", html), summary

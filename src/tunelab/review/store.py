@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import random
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -204,7 +205,7 @@ class Store:
                 if attempt == attempts - 1 or not (isinstance(err, retry) or _transient(err)):
                     raise
                 log.debug("retrying a transaction after %s", type(err).__name__)
-                time.sleep(0.01 * 2**attempt)
+                time.sleep(random.uniform(0, 0.01 * 2 ** min(attempt, 6)))  # jitter: racers spread out
         raise AssertionError("unreachable")
 
     def setting(self, key: str, default: str | None = None) -> str | None:
