@@ -134,3 +134,48 @@ def test_load_32_concurrent_clients(base_url, client):
     assert metrics["tokens_generated"] >= 64 * 1 and metrics["tokens_per_s"] > 0
     assert metrics["kv_summary"]["peak_running"] > 1  # requests really were batched together
     assert metrics["queue_depth"] == 0 and metrics["requests_in_flight"] == 0
+
+
+def test_adapters_are_routed_by_model_name(tiny_model_dir, tmp_path):
+    """Two LoRA adapters on one base, requests for both at once: each answer is what that adapter
+    alone (merged) generates, so batches never mix adapters."""
+    import torch
+    from fastapi.testclient import TestClient
+    from peft import LoraConfig, get_peft_model
+
+    from tunelab.inference.engine import SamplingParams, build_engine
+    from tunelab.inference.prompts import prompt_ids
+    from tunelab.inference.server import create_app, load_with_adapters
+    from tunelab.models.build import load_for_eval
+
+    for seed, name in enumerate("ab"):
+        base, _tok = load_for_eval(str(tiny_model_dir))
+        torch.manual_seed(seed)  # random (not zero) LoRA B, so the two adapters answer differently
+        lora = get_peft_model(base, LoraConfig(r=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                               init_lora_weights=False))
+        lora.save_pretrained(tmp_path / name)
+    prompt = [{"role": "user", "content": "Pick a day."}]
+    expected = {}
+    for name in ("a", "b"):
+        model, tok = load_for_eval(str(tmp_path / name))
+        engine = build_engine("static", model, tok)
+        expected[name] = engine.generate([prompt_ids(tok, prompt)], SamplingParams(max_new_tokens=5))[0].text
+        engine.close()
+    assert expected["a"] != expected["b"]
+
+    model, tok = load_with_adapters(str(tiny_model_dir), {"a": str(tmp_path / "a"), "b": str(tmp_path / "b")})
+    engine = build_engine("paged", model, tok, kv_budget_tokens=1024)
+    try:
+        with TestClient(create_app(engine, "base", adapters=["a", "b"])) as http, ThreadPoolExecutor(6) as pool:
+            def ask(name):
+                r = http.post("/v1/chat/completions", json={"model": name, "messages": prompt, "max_tokens": 5})
+                return name, r.json()["choices"][0]["message"]["content"]
+
+            answers = list(pool.map(ask, ["a", "b", "a", "b", "base", "a"]))
+            assert [m["id"] for m in http.get("/v1/models").json()["data"]] == ["base", "a", "b"]
+    finally:
+        engine.close()
+    for name, text in answers:
+        if name != "base":
+            assert text == expected[name], name
+    assert {t for n, t in answers if n == "base"} != {expected["a"]}

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 from tunelab.errors import TunelabError
+from tunelab.inference.kv import KVLedger
 
 BACKENDS = ("auto", "paged", "static", "vllm")
 
@@ -151,6 +152,7 @@ class Engine(ABC):
 
     def __init__(self, model, tokenizer):
         self.model, self.tokenizer = model, tokenizer
+        self.ledger: KVLedger | None = None  # backends that account their KV cache set one (vLLM keeps its own)
         self.tokens_out = 0  # generated tokens delivered, for tokens/s
         self.started = time.perf_counter()
 
@@ -162,9 +164,11 @@ class Engine(ABC):
     def cancel(self, request_id: str) -> None:
         """Stop a request; its cache is freed and its handle gets a final `cancelled` event."""
 
-    @abstractmethod
     def kv(self) -> dict:
         """{"now": current KV state, "summary": over the run so far}."""
+        if self.ledger is None:
+            return {"now": {}, "summary": {}}
+        return {"now": self.ledger.now(), "summary": self.ledger.summary()}
 
     def close(self) -> None:
         """Stop background work."""

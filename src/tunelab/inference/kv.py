@@ -47,6 +47,10 @@ class KVLedger:
         self._lock = threading.Lock()
         self.reset()
 
+    @classmethod
+    def for_model(cls, model) -> KVLedger:
+        return cls(bytes_per_token(model.config.get_text_config(), model.dtype.itemsize))
+
     def reset(self) -> None:
         """Start a new summary (e.g. after a warm-up)."""
         with self._lock:

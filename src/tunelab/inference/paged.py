@@ -17,7 +17,7 @@ import threading
 
 from tunelab.errors import TunelabError
 from tunelab.inference.engine import Delta, Engine, Handle, eos_ids, finish_reason
-from tunelab.inference.kv import KVLedger, PagedCacheReader, bytes_per_token
+from tunelab.inference.kv import KVLedger, PagedCacheReader
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class PagedEngine(Engine):
         self.manager = model.init_continuous_batching(
             generation_config=gen,
             continuous_batching_config=cb_config(page_size, num_blocks, max_batch_tokens, seed, on_cpu))
-        self.ledger = KVLedger(bytes_per_token(model.config.get_text_config(), model.dtype.itemsize))
+        self.ledger = KVLedger.for_model(model)
         self._reader = PagedCacheReader()
         self._handles: dict[str, Handle] = {}
         self._lock = threading.Lock()
@@ -169,9 +169,6 @@ class PagedEngine(Engine):
         self.manager.cancel_request(request_id)
         if handle is not None:
             handle.put(Delta([], True, "cancelled"))
-
-    def kv(self) -> dict:
-        return {"now": self.ledger.now(), "summary": self.ledger.summary()}
 
     def waiting(self) -> int:
         return self.ledger.current.waiting + self.manager.input_queue.qsize()

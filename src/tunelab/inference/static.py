@@ -15,7 +15,7 @@ from collections import deque
 import torch
 
 from tunelab.inference.engine import Delta, Engine, Handle, eos_ids, finish_reason
-from tunelab.inference.kv import KVLedger, KVSnapshot, bytes_per_token, static_batch_snapshots
+from tunelab.inference.kv import KVLedger, KVSnapshot, static_batch_snapshots
 
 
 class StaticEngine(Engine):
@@ -27,7 +27,7 @@ class StaticEngine(Engine):
         super().__init__(model, tokenizer)
         self.budget, self.max_batch, self.seed = kv_budget_tokens, max_batch, seed
         self.eos = eos_ids(model, tokenizer)
-        self.ledger = KVLedger(bytes_per_token(model.config.get_text_config(), model.dtype.itemsize))
+        self.ledger = KVLedger.for_model(model)
         self._waiting: deque[Handle] = deque()
         self._cancelled: set[str] = set()
         self._cond = threading.Condition()
@@ -53,9 +53,6 @@ class StaticEngine(Engine):
             self._cancelled.add(request_id)
         if waiting is not None:
             waiting.put(Delta([], True, "cancelled"))
-
-    def kv(self) -> dict:
-        return {"now": self.ledger.now(), "summary": self.ledger.summary()}
 
     def waiting(self) -> int:
         return len(self._waiting)

@@ -96,10 +96,6 @@ class VllmEngine(Engine):
         if handle is not None:
             handle.put(Delta([], True, "cancelled"))
 
-    def kv(self) -> dict:
-        """vLLM keeps its own block accounting (its /metrics); not mirrored here."""
-        return {"now": {}, "summary": {}}
-
     def close(self) -> None:
         self._closed = True
         self._thread.join(timeout=5)
