@@ -64,16 +64,23 @@ def run_workload(engine: Engine, prompts: list[list[int]], limits: list[int], de
 
 
 def bench(model, tokenizer, prompts: list[list[int]], limits: list[int], *, kv_budget_tokens: int,
-          page_size: int = 16, max_batch_tokens: int | None = None, backends=("static", "paged")) -> list[dict]:
-    """One row per backend, each started fresh on the same model at the same KV budget (in tokens)."""
+          page_size: int = 16, backends=("static", "paged"), **paged_options) -> list[dict]:
+    """One row per backend, each started fresh on the same model at the same KV budget (in tokens):
+    the static batch takes as many rows as the budget allows, the paged cache has budget/page_size blocks."""
+    import torch
+
     from tunelab.inference.engine import build_engine
 
     rows = []
     for backend in backends:
-        options = {"kv_budget_tokens": kv_budget_tokens}
         if backend == "paged":
-            options |= {"page_size": page_size, "max_batch_tokens": max_batch_tokens, "sampling": False}
-        engine = build_engine(backend, model, tokenizer, **options)
+            options = {"page_size": page_size, "sampling": False, **paged_options}
+        else:
+            options = {"max_batch": None}
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        engine = build_engine(backend, model, tokenizer, kv_budget_tokens=kv_budget_tokens, **options)
         try:
             run_workload(engine, prompts[:2], [2, 2], f"{backend} warm-up")
             engine.ledger.reset()  # the summary covers the timed workload only
@@ -85,6 +92,8 @@ def bench(model, tokenizer, prompts: list[list[int]], limits: list[int], *, kv_b
                      "kv_budget_tokens": kv_budget_tokens, "peak_running": kv["peak_running"],
                      "peak_kv_reserved_mib": round(kv["peak_reserved_bytes"] / 2**20, 1),
                      "preemptions": kv["preemptions"]})
+        if torch.cuda.is_available():
+            rows[-1]["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     return rows
 
 

@@ -27,7 +27,8 @@ SAMPLING_DEFAULTS = {"temperature": 0.7, "top_k": 50, "top_p": 0.95}
 each request's own value; a greedy request is top_k=1 (the argmax, sampled with certainty)."""
 
 
-def cb_config(page_size: int, num_blocks: int | None, max_batch_tokens: int | None, seed: int | None, on_cpu: bool):
+def cb_config(page_size: int, num_blocks: int | None, max_batch_tokens: int | None, seed: int | None, on_cpu: bool,
+              cuda_graph: bool | None = None):
     """A ContinuousBatchingConfig for transformers 5.17 (`block_size`) and 5.2x (`page_size`)."""
     try:
         from transformers.generation import ContinuousBatchingConfig
@@ -45,6 +46,8 @@ def cb_config(page_size: int, num_blocks: int | None, max_batch_tokens: int | No
               "allow_block_sharing": False}
     if on_cpu:  # no CUDA graphs and no double buffering without a GPU stream
         kwargs |= {"use_cuda_graph": False, "use_async_batching": False}
+    elif cuda_graph is not None:
+        kwargs["use_cuda_graph"] = cuda_graph
     return ContinuousBatchingConfig(**kwargs)
 
 
@@ -52,10 +55,12 @@ class PagedEngine(Engine):
     name = "paged"
 
     def __init__(self, model, tokenizer, *, page_size: int = 16, kv_budget_tokens: int | None = None,
-                 max_batch_tokens: int | None = None, sampling: bool = True, seed: int | None = None):
+                 max_batch_tokens: int | None = None, sampling: bool = True, seed: int | None = None,
+                 cuda_graph: bool | None = None):
         """kv_budget_tokens: cache size in tokens (num_blocks = budget / page_size); None = 8,192 on
         CPU, transformers' choice from free memory on a GPU. sampling=False builds no sampling
-        processors (greedy only, the fastest step); seed seeds the engine's sampler."""
+        processors (greedy only, the fastest step); seed seeds the engine's sampler; cuda_graph
+        None lets transformers decide."""
         super().__init__(model, tokenizer)
         if not hasattr(model, "init_continuous_batching"):
             raise TunelabError("--backend paged: this model class has no continuous batching in the installed "
@@ -78,7 +83,7 @@ class PagedEngine(Engine):
                                do_sample=sampling, **(SAMPLING_DEFAULTS if sampling else {}))
         self.manager = model.init_continuous_batching(
             generation_config=gen,
-            continuous_batching_config=cb_config(page_size, num_blocks, max_batch_tokens, seed, on_cpu))
+            continuous_batching_config=cb_config(page_size, num_blocks, max_batch_tokens, seed, on_cpu, cuda_graph))
         self.ledger = KVLedger.for_model(model)
         self._reader = PagedCacheReader()
         self._handles: dict[str, Handle] = {}

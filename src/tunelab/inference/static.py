@@ -21,9 +21,9 @@ from tunelab.inference.kv import KVLedger, KVSnapshot, static_batch_snapshots
 class StaticEngine(Engine):
     name = "static"
 
-    def __init__(self, model, tokenizer, *, kv_budget_tokens: int | None = None, max_batch: int = 64,
+    def __init__(self, model, tokenizer, *, kv_budget_tokens: int | None = None, max_batch: int | None = 64,
                  seed: int | None = None, **_paged_only):
-        """kv_budget_tokens: the cache a batch may plan for (None: no limit, `max_batch` rows)."""
+        """kv_budget_tokens: the cache a batch may plan for; max_batch: a cap on rows (None: the budget alone)."""
         super().__init__(model, tokenizer)
         self.budget, self.max_batch, self.seed = kv_budget_tokens, max_batch, seed
         self.eos = eos_ids(model, tokenizer)
