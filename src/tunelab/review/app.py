@@ -91,6 +91,10 @@ def create_app(store: Store) -> FastAPI:
             return Response(status_code=404)
         return Response(asset(name), media_type=types[name], headers={"Cache-Control": "max-age=300"})
 
+    @app.get("/favicon.ico")
+    def favicon() -> Response:
+        return Response(status_code=204)
+
     @app.get("/login", response_class=HTMLResponse)
     def login_form() -> HTMLResponse:
         return page("login.html", None)

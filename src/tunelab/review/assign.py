@@ -88,7 +88,7 @@ def progress(s: Session) -> dict:
         "done": sum(r["done"] for r in reviewers.values()),
         "pending": sum(r["pending"] for r in reviewers.values()),
         "needed": sum(i["needed"] for i in items.values()),
-        "items": len(items),
+        "n_items": len(items),
         "items_complete": sum(i["done"] >= i["needed"] for i in items.values()),
     }
     return {"totals": totals, "reviewers": list(reviewers.values()), "items": list(items.values())}

@@ -45,7 +45,7 @@
     if (key === "=") { tieNext = groups.length > 0; show(); }
     else if (key === "Backspace") { const g = groups[groups.length - 1]; if (g) { g.pop(); if (!g.length) groups.pop(); } tieNext = false; apply(); }
     else if (key === "Escape") { groups = []; tieNext = false; apply(); }
-    else if (key === "Enter") { if (form.reportValidity()) form.submit(); }
+    else if (key === "Enter") form.requestSubmit();  // validates first, like the button
     else if (byLabel[key]) pick(key);
     else return;
     e.preventDefault();

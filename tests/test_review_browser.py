@@ -1,0 +1,96 @@
+"""The review app in a real browser (Debian's Chromium, headless, driven by Playwright): sign in,
+rank with the keyboard shortcuts, score a rubric, and watch the admin progress view change."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from sqlalchemy import select
+
+from tests.review_support import live_server, make_project
+from tunelab.review.store import Ranking, Score
+
+CHROMIUM = "/usr/bin/chromium"
+
+pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} missing: run scripts/system-deps.sh as root")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        # Debian's Chromium: Playwright's own browser download needs a host this project cannot reach.
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+def _sign_in(browser, url: str, token: str):
+    page = browser.new_page()
+    errors = []
+    page.on("pageerror", lambda err: errors.append(str(err)))
+    page.goto(f"{url}/")
+    assert page.url.endswith("/login")
+    page.fill("#token", token)
+    page.click("button[type=submit]")
+    page.wait_for_url(f"{url}/")
+    return page, errors
+
+
+def _admin_done(admin, url: str) -> tuple[str, list[str]]:
+    admin.goto(f"{url}/admin")
+    return (admin.inner_text('tr[data-reviewer="r1"] td.done'),
+            [admin.inner_text(f"tr[data-item] td.done >> nth={i}") for i in range(2)])
+
+
+def _rank_with_keys(page) -> dict[str, str]:
+    """C best, then A tied with B, typed as C, A, =, B; returns label -> rank as the form holds it."""
+    for key in ("c", "a", "=", "b"):
+        page.keyboard.press(key)
+    assert page.inner_text("#order").startswith("Order: C > A = B")
+    ranks = {s.get_attribute("data-label"): s.input_value() for s in page.query_selector_all("select[data-label]")}
+    assert ranks == {"A": "2", "B": "2", "C": "1"}
+    with page.expect_navigation():
+        page.keyboard.press("Enter")
+    return {s: r for s, r in ranks.items()}
+
+
+def _score_rubric(page) -> None:
+    """Score every output: accuracy 5, coherence 4, safety 3 (by clicking the radio labels)."""
+    for name in sorted({r.get_attribute("name") for r in page.query_selector_all("input[type=radio]")}):
+        criterion = int(name.rsplit("_", 1)[1])
+        page.check(f'input[name="{name}"][value="{6 - criterion}"]')
+    with page.expect_navigation():
+        page.click("#send")
+
+
+def test_sign_in_rank_score_and_admin_progress(browser, tmp_path):
+    store, tokens = make_project(f"sqlite:///{tmp_path / 'r.db'}", tmp_path, items=1, k=3, per_item=1,
+                                 reviewers=2, kinds=("rank", "rubric"))
+    with live_server(store) as url:
+        admin, admin_errors = _sign_in(browser, url, tokens["r0"])
+        assert _admin_done(admin, url) == ("0", ["0/1", "0/1"])
+
+        page, errors = _sign_in(browser, url, tokens["r1"])
+        page.click("#next")
+        page.wait_for_url("**/assignments/*")
+        labels = {}
+        for step in (1, 2):
+            if page.query_selector('form[data-kind="rank"]'):
+                labels = {s.get_attribute("data-label"): int(s.get_attribute("name")[5:])
+                          for s in page.query_selector_all("select[data-label]")}
+                _rank_with_keys(page)
+            else:
+                _score_rubric(page)
+            assert _admin_done(admin, url)[0] == str(step)
+        assert "Nothing left for you" in page.inner_text("#notice")
+        assert _admin_done(admin, url) == ("2", ["1/1", "1/1"])
+        assert not errors and not admin_errors
+
+    with store.read() as s:
+        ranks = {r.output_id: r.rank for r in s.scalars(select(Ranking))}
+        scores = {(sc.output_id, sc.criterion_id): sc.score for sc in s.scalars(select(Score))}
+    assert ranks == {labels["A"]: 2, labels["B"]: 2, labels["C"]: 1}
+    assert len(scores) == 3 * 3 and {v for (_, c), v in scores.items() if c == 1} == {5}
