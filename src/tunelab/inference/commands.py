@@ -102,7 +102,7 @@ def _generate(args) -> None:
 
 def _chat(args) -> None:
     from tunelab.inference.engine import load_engine
-    from tunelab.inference.prompts import load_style, prompt_ids, style_names
+    from tunelab.inference.prompts import load_style, prompt_ids
 
     styler, params = _Styler(args), _sampling(args)
     engine = load_engine(args.target, args.backend, **_engine_options(args))
@@ -128,7 +128,7 @@ def _chat(args) -> None:
                     styler.style = load_style(name)
                     print(f"(style {styler.style.name})")
                 except TunelabError as err:
-                    print(f"({err}; built in: {', '.join(style_names())})")
+                    print(f"({err})")
                 continue
             try:
                 messages = styler.messages(line, history=history)

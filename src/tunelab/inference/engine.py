@@ -14,6 +14,7 @@ import itertools
 import queue
 import time
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
@@ -21,6 +22,7 @@ from tunelab.errors import TunelabError
 from tunelab.inference.kv import KVLedger
 
 BACKENDS = ("auto", "paged", "static", "vllm")
+RATE_WINDOW_S = 10.0  # /metrics tokens/s: generated tokens over the last this many seconds
 
 
 @dataclass(frozen=True)
@@ -153,8 +155,8 @@ class Engine(ABC):
     def __init__(self, model, tokenizer):
         self.model, self.tokenizer = model, tokenizer
         self.ledger: KVLedger | None = None  # backends that account their KV cache set one (vLLM keeps its own)
-        self.tokens_out = 0  # generated tokens delivered, for tokens/s
-        self.started = time.perf_counter()
+        self.tokens_out = 0  # generated tokens delivered
+        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of the last RATE_WINDOW_S seconds
 
     # -- what a backend implements ------------------------------------------------------------
     @abstractmethod
@@ -234,11 +236,19 @@ class Engine(ABC):
         return Completion(text.text, text.token_ids, reason, len(handle.prompt_ids),
                           (handle.finished_at or time.perf_counter()) - handle.submitted, error)
 
+    def _delivered(self, n: int) -> None:
+        """Count generated tokens (called by the backend's delivery thread)."""
+        now = time.perf_counter()
+        self.tokens_out += n
+        self._recent.append((now, n))
+        while self._recent and self._recent[0][0] < now - RATE_WINDOW_S:
+            self._recent.popleft()
+
     def metrics(self) -> dict:
-        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        recent = [n for t, n in list(self._recent) if t >= time.perf_counter() - RATE_WINDOW_S]
         kv = self.kv()
         return {"backend": self.name, "queue_depth": self.waiting(), "tokens_generated": self.tokens_out,
-                "tokens_per_s": round(self.tokens_out / elapsed, 2), "kv": kv["now"], "kv_summary": kv["summary"]}
+                "tokens_per_s": round(sum(recent) / RATE_WINDOW_S, 2), "kv": kv["now"], "kv_summary": kv["summary"]}
 
 
 def finish_reason(token_ids: list[int], eos: set[int]) -> str:

@@ -133,7 +133,7 @@ class PagedEngine(Engine):
                 continue
             new = list(out.generated_tokens[handle.seen :])
             handle.seen += len(new)
-            self.tokens_out += len(new)
+            self._delivered(len(new))
             if not out.is_finished():
                 handle.put(Delta(new))
                 continue

@@ -126,7 +126,7 @@ class StaticEngine(Engine):
             if handle.id in self._cancelled:
                 self._cancelled.discard(handle.id)
                 continue
-            self.tokens_out += len(row)
+            self._delivered(len(row))
             handle.put(Delta(row, True, finish_reason(row, self.eos)))
 
     def close(self) -> None:

@@ -82,7 +82,7 @@ class VllmEngine(Engine):
                     continue
                 tokens = list(out.outputs[0].token_ids)
                 new, handle.seen = tokens[handle.seen :], len(tokens)
-                self.tokens_out += len(new)
+                self._delivered(len(new))
                 if out.finished:
                     self._handles.pop(out.request_id, None)
                     handle.put(Delta(new, True, finish_reason(tokens, self.eos)))
