@@ -72,7 +72,8 @@ class PeftConfig(_Section):
 
 class DataConfig(_Section):
     adapter: str = "custom"
-    """Dataset adapter: samsum, cnn_dailymail, openorca, guanaco, alpaca or custom."""
+    """Dataset adapter: samsum, cnn_dailymail, openorca, guanaco, alpaca or custom; for reward/dpo/rl:
+    hh_rlhf, orca_dpo, preferences (the review export) or custom with {prompt, chosen, rejected} fields."""
     source: str | None = None
     """Hub dataset id, a local file, or a folder with train/validation/test files."""
     subset: str | None = None
@@ -173,6 +174,29 @@ class TrackingConfig(_Section):
     """Extra trainer integrations, passed through."""
 
 
+class PreferenceConfig(_Section):
+    """Settings of `tunelab reward`, `tunelab dpo` and `tunelab rl`; the other commands ignore them."""
+
+    beta: float = Field(0.1, gt=0)
+    """dpo: pull toward the reference model (the starting model); higher stays closer. 0.1 as in the DPO paper."""
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
+    """dpo: `sigmoid` (DPO), `ipo`, `hinge` (SLiC) or `robust` (expects label_smoothing of the labels)."""
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    """dpo: assumed share of wrongly ordered pairs (conservative/robust DPO); 0 = trust every label."""
+    min_agreement: float | None = Field(None, ge=-1, le=1)
+    """Drop pairs whose reviewer agreement (from `tunelab review export`) is below this; pairs without one stay."""
+    reward_model: str | None = None
+    """rl: the `tunelab reward` run folder whose model scores the sampled completions (required by rl)."""
+    kl_coef: float = Field(0.05, ge=0)
+    """rl: KL penalty toward the reference (the starting policy), subtracted from the reward; 0 = none."""
+    num_generations: int = Field(4, ge=2)
+    """rl: completions sampled per prompt; each is baselined on the mean reward of the others (RLOO)."""
+    max_new_tokens: int = Field(64, ge=1)
+    """rl: length limit of a sampled completion (and of the before/after generations)."""
+    temperature: float = Field(1.0, gt=0)
+    """rl: sampling temperature during training."""
+
+
 class Config(_Section):
     run: RunConfig = RunConfig()
     model: ModelConfig = ModelConfig()
@@ -182,6 +206,7 @@ class Config(_Section):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
+    preference: PreferenceConfig = PreferenceConfig()
     sweep: dict[str, Annotated[list, Field(min_length=1)]] | None = None
     """Hyperparameter grid for `tunelab kfold`, e.g. {peft.r: [8, 16], train.lr: [1e-4, 2e-4]}: every
     combination is cross-validated. `tunelab train` ignores it."""

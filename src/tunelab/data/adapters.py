@@ -18,6 +18,7 @@ ROLES = ("system", "user", "assistant")
 SAMSUM_TEMPLATE = "Summarize this dialogue:\n\n{}"
 CNN_DAILYMAIL_TEMPLATE = "Summarize this news article in a few sentences:\n\n{}"
 GUANACO_TURN = re.compile(r"### (Human|Assistant):")
+SPEAKER_ROLES = {"Human": "user", "Assistant": "assistant"}
 _TYPE_NAMES = {str: "string", list: "list"}
 
 
@@ -27,6 +28,8 @@ class Adapter:
     name: str
     required: dict[str, type]
     optional: dict[str, type]
+    columns: tuple[str, ...] = ("messages",)
+    """The keys `convert` returns: chat examples, or `PREFERENCE_COLUMNS` for preference pairs."""
 
     def problems(self, row: dict) -> list[str]:
         """Short messages naming the field, one per problem; empty when `convert` will succeed."""
@@ -98,6 +101,14 @@ class Alpaca(PromptCompletion):
         return f"{instruction}\n\n{context}" if context else instruction
 
 
+def split_turns(marker: re.Pattern, text: str) -> list[tuple[str, str]]:
+    """(speaker, content) pairs of a transcript whose turns start with `marker` (one group: the
+    speaker); text before the first marker becomes a ('', text) pair."""
+    parts = marker.split(text)
+    head = [("", parts[0].strip())] if parts[0].strip() else []
+    return head + [(parts[i], parts[i + 1].strip()) for i in range(1, len(parts), 2)]
+
+
 @dataclass(frozen=True)
 class Guanaco(Adapter):
     """OASST Guanaco text: `### Human: …### Assistant: …`, repeated, with no separator between turns."""
@@ -114,10 +125,7 @@ class Guanaco(Adapter):
         return {}
 
     def turns(self, row: dict) -> list[tuple[str, str]]:
-        """(speaker, content) pairs; text before the first marker becomes a ('', text) pair."""
-        parts = GUANACO_TURN.split(row[self.text])
-        head = [("", parts[0].strip())] if parts[0].strip() else []
-        return head + [(parts[i], parts[i + 1].strip()) for i in range(1, len(parts), 2)]
+        return split_turns(GUANACO_TURN, row[self.text])
 
     def content_problems(self, row: dict) -> list[str]:
         turns = self.turns(row)
@@ -134,8 +142,25 @@ class Guanaco(Adapter):
         return []
 
     def convert(self, row: dict) -> dict:
-        role = {"Human": "user", "Assistant": "assistant"}
-        return {"messages": [{"role": role[speaker], "content": content} for speaker, content in self.turns(row)]}
+        return {"messages": [{"role": SPEAKER_ROLES[s], "content": content} for s, content in self.turns(row)]}
+
+
+def message_problems(column: str, messages: list, last_role: str) -> list[str]:
+    """The first problem of a list of {role, content} dicts that must end on a `last_role` turn."""
+    field = f"field '{column}'"
+    for i, message in enumerate(messages, start=1):
+        if not isinstance(message, dict):
+            return [f"{field} item {i} should be a {{role, content}} object, got {type(message).__name__}"]
+        if message.get("role") not in ROLES:
+            return [f"{field} item {i} has role {message.get('role')!r}; allowed: {', '.join(ROLES)}"]
+        content = message.get("content")
+        if not isinstance(content, str):
+            return [f"{field} item {i} content should be a string, got {type(content).__name__}"]
+        if not content.strip():
+            return [f"{field} item {i} has empty content"]
+    if messages[-1]["role"] != last_role:
+        return [f"{field} does not end with {'an' if last_role == 'assistant' else 'a'} {last_role} message"]
+    return []
 
 
 @dataclass(frozen=True)
@@ -154,23 +179,160 @@ class Messages(Adapter):
         return {}
 
     def content_problems(self, row: dict) -> list[str]:
-        field = f"field '{self.column}'"
-        for i, message in enumerate(row[self.column], start=1):
-            if not isinstance(message, dict):
-                return [f"{field} item {i} should be a {{role, content}} object, got {type(message).__name__}"]
-            if message.get("role") not in ROLES:
-                return [f"{field} item {i} has role {message.get('role')!r}; allowed: {', '.join(ROLES)}"]
-            content = message.get("content")
-            if not isinstance(content, str):
-                return [f"{field} item {i} content should be a string, got {type(content).__name__}"]
-            if not content.strip():
-                return [f"{field} item {i} has empty content"]
-        if row[self.column][-1]["role"] != "assistant":
-            return [f"{field} does not end with an assistant message"]
-        return []
+        return message_problems(self.column, row[self.column], last_role="assistant")
 
     def convert(self, row: dict) -> dict:
         return {"messages": [{"role": m["role"], "content": m["content"]} for m in row[self.column]]}
+
+
+PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
+HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+HH_ASSISTANT = "\n\nAssistant:"
+
+
+def preference_pair(prompt: list[dict], chosen: str, rejected: str) -> dict:
+    """trl's conversational preference shape: the prompt's messages (ending on a user turn) and
+    each answer as one assistant message, so the model's own chat template renders all three."""
+    return {
+        "prompt": prompt,
+        "chosen": [{"role": "assistant", "content": chosen}],
+        "rejected": [{"role": "assistant", "content": rejected}],
+    }
+
+
+def _identical(row: dict, chosen: str, rejected: str) -> list[str]:
+    if row[chosen].strip() == row[rejected].strip():
+        return [f"fields '{chosen}' and '{rejected}' are identical (nothing to prefer)"]
+    return []
+
+
+@dataclass(frozen=True)
+class PromptPreference(Adapter):
+    """[system?] + user prompt, a chosen and a rejected answer, one column each (orca_dpo, custom)."""
+
+    name: str
+    prompt: str
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+    system: str | None = None
+    columns = PREFERENCE_COLUMNS
+
+    @property
+    def required(self) -> dict[str, type]:
+        return {self.prompt: str, self.chosen: str, self.rejected: str}
+
+    @property
+    def optional(self) -> dict[str, type]:
+        return {self.system: str} if self.system else {}
+
+    def content_problems(self, row: dict) -> list[str]:
+        return _identical(row, self.chosen, self.rejected)
+
+    def convert(self, row: dict) -> dict:
+        system = (row.get(self.system) or "").strip() if self.system else ""
+        prompt = [{"role": "system", "content": system}] if system else []
+        prompt.append({"role": "user", "content": row[self.prompt].strip()})
+        return preference_pair(prompt, row[self.chosen].strip(), row[self.rejected].strip())
+
+
+@dataclass(frozen=True)
+class HhRlhf(Adapter):
+    """Anthropic HH-RLHF: `chosen` and `rejected` are whole `\n\nHuman: …\n\nAssistant: …` transcripts.
+
+    The prompt is their shared prefix, cut back to the last `\n\nAssistant:` inside it; the rest
+    of each transcript is the answer. (Cutting at each transcript's own last marker would be wrong
+    for the few rows whose answer itself contains an `Assistant:` line.) An empty answer is kept:
+    in this data, saying nothing is sometimes the preferred reply.
+    """
+
+    name: str = "hh_rlhf"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+    columns = PREFERENCE_COLUMNS
+
+    @property
+    def required(self) -> dict[str, type]:
+        return {self.chosen: str, self.rejected: str}
+
+    @property
+    def optional(self) -> dict[str, type]:
+        return {}
+
+    def split(self, row: dict) -> tuple[str, str, str] | None:
+        """(prompt transcript, chosen answer, rejected answer), or None without a shared prompt."""
+        chosen, rejected = row[self.chosen], row[self.rejected]
+        shared = chosen[: next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b),
+                               min(len(chosen), len(rejected)))]
+        cut = shared.rfind(HH_ASSISTANT)
+        if cut < 0:
+            return None
+        answer = cut + len(HH_ASSISTANT)
+        return chosen[:cut], chosen[answer:].strip(), rejected[answer:].strip()
+
+    def content_problems(self, row: dict) -> list[str]:
+        if problems := _identical(row, self.chosen, self.rejected):
+            return problems
+        split = self.split(row)
+        if split is None:
+            return [f"fields '{self.chosen}' and '{self.rejected}' share no prompt (they differ before the "
+                    "first '\n\nAssistant:')"]
+        turns = split_turns(HH_TURN, split[0])
+        if not turns or turns[0][0] != "Human":
+            return [f"field '{self.chosen}' does not start with a '\n\nHuman:' turn"]
+        if turns[-1][0] != "Human":
+            return [f"field '{self.chosen}': the turn before the answers is not a '\n\nHuman:' turn"]
+        return []
+
+    def convert(self, row: dict) -> dict:
+        prompt, chosen, rejected = self.split(row)
+        return preference_pair([{"role": SPEAKER_ROLES[s], "content": c} for s, c in split_turns(HH_TURN, prompt)],
+                               chosen, rejected)
+
+
+@dataclass(frozen=True)
+class ReviewExport(Adapter):
+    """What `tunelab review export` writes: `prompt` (text, or a list of {role, content} ending on a
+    user turn), `chosen`, `rejected`, and the reviewers' `agreement` (0-1 or null) and `n_reviewers`."""
+
+    name: str = "preferences"
+    columns = (*PREFERENCE_COLUMNS, "agreement")
+
+    @property
+    def required(self) -> dict[str, type]:
+        return {"chosen": str, "rejected": str}
+
+    @property
+    def optional(self) -> dict[str, type]:
+        return {}
+
+    def content_problems(self, row: dict) -> list[str]:
+        prompt, agreement, reviewers = row.get("prompt"), row.get("agreement"), row.get("n_reviewers")
+        if prompt is None:
+            return ["field 'prompt' is missing"]
+        if isinstance(prompt, list):
+            problems = message_problems("prompt", prompt, last_role="user") if prompt else ["field 'prompt' is empty"]
+            if problems:
+                return problems
+        elif not isinstance(prompt, str):
+            return [f"field 'prompt' should be a string or a list of {{role, content}}, got {type(prompt).__name__}"]
+        elif not prompt.strip():
+            return ["field 'prompt' is empty"]
+        if agreement is not None and (isinstance(agreement, bool) or not isinstance(agreement, (int, float))
+                                      or not -1 <= agreement <= 1):
+            return [f"field 'agreement' should be a number from -1 to 1 or null, got {agreement!r}"]
+        if reviewers is not None and (isinstance(reviewers, bool) or not isinstance(reviewers, int) or reviewers < 1):
+            return [f"field 'n_reviewers' should be a whole number >= 1, got {reviewers!r}"]
+        return _identical(row, "chosen", "rejected")
+
+    def convert(self, row: dict) -> dict:
+        prompt = row["prompt"]
+        if isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt.strip()}]
+        else:
+            prompt = [{"role": m["role"], "content": m["content"]} for m in prompt]
+        agreement = row.get("agreement")
+        return {**preference_pair(prompt, row["chosen"].strip(), row["rejected"].strip()),
+                "agreement": None if agreement is None else float(agreement)}
 
 
 ADAPTERS: dict[str, Adapter] = {
@@ -181,6 +343,9 @@ ADAPTERS: dict[str, Adapter] = {
         PromptCompletion("openorca", prompt="question", completion="response", system="system_prompt"),
         Guanaco(),
         Alpaca(),
+        HhRlhf(),
+        PromptPreference("orca_dpo", prompt="question", system="system"),
+        ReviewExport(),
     )
 }
 """The fixed adapters by name; `custom` is built per config by `custom_adapter`."""
@@ -193,10 +358,13 @@ def custom_adapter(fields: dict[str, str] | None) -> Adapter:
         return Messages("custom", column=fields["messages"])
     if {"prompt", "completion"} <= keys <= {"prompt", "completion", "system"}:
         return PromptCompletion("custom", fields["prompt"], fields["completion"], system=fields.get("system"))
+    if {"prompt", "chosen", "rejected"} <= keys <= {"prompt", "chosen", "rejected", "system"}:
+        return PromptPreference("custom", fields["prompt"], fields["chosen"], fields["rejected"], fields.get("system"))
     raise TunelabError(
         f"data.fields: {fields!r} is not usable for the custom adapter; give either "
         "{prompt: <column>, completion: <column>} with an optional system: <column>, "
-        "or {messages: <column holding a list of {role, content}>}"
+        "or {messages: <column holding a list of {role, content}>}, "
+        "or for preference pairs {prompt: <column>, chosen: <column>, rejected: <column>} (optional system)"
     )
 
 

@@ -282,8 +282,9 @@ def _hub_rows(source: str, split: str, ds: datasets.Dataset) -> Iterator[tuple[s
     return ((f"{source}[{split}]:row {i}", row, None) for i, row in enumerate(rows))
 
 
-def _convert_batch(batch: dict[str, list], convert) -> dict[str, list]:
-    return {"messages": [convert(row)["messages"] for row in _batch_rows(batch)]}
+def _convert_batch(batch: dict[str, list], convert, columns: tuple[str, ...]) -> dict[str, list]:
+    converted = [convert(row) for row in _batch_rows(batch)]
+    return {column: [example[column] for example in converted] for column in columns}
 
 
 def load_examples(
@@ -295,7 +296,7 @@ def load_examples(
     num_proc: int | None = None,
     cache_dir: str | None = None,
 ) -> tuple[datasets.DatasetDict, dict]:
-    """Validated examples (only a `messages` column) per split, and stats:
+    """Validated examples (the adapter's `columns`: `messages`, or prompt/chosen/rejected) per split, and stats:
     `{"rows": {split: kept}, "bad_rows": dropped, "files": {split: [paths]}}`.
 
     `source` is a local file or folder (see `find_splits`) or else a Hub dataset id (`subset` is
@@ -329,7 +330,7 @@ def load_examples(
     examples = datasets.DatasetDict(
         {
             split: raw.map(
-                _convert_batch, batched=True, fn_kwargs={"convert": adapter.convert},
+                _convert_batch, batched=True, fn_kwargs={"convert": adapter.convert, "columns": adapter.columns},
                 remove_columns=raw.column_names, num_proc=num_proc, desc=f"{adapter.name} rows → messages ({split})",
             )  # fmt: skip
             for split, raw in raws.items()

@@ -62,10 +62,15 @@ def quantization_config(q: QuantizationConfig, compute_dtype: torch.dtype):
     )
 
 
-def load_model(cfg: Config, tokenizer, source: ModelSource | None = None):
-    """The base model (plus any adapter named by model.name, merged), embeddings sized to the tokenizer."""
+def load_model(cfg: Config, tokenizer, source: ModelSource | None = None, auto_class=None, **model_kwargs):
+    """The base model (plus any adapter named by model.name, merged), embeddings sized to the tokenizer.
+
+    `auto_class` (default AutoModelForCausalLM) and `model_kwargs` pick another head, e.g. the
+    reward model's AutoModelForSequenceClassification with num_labels=1.
+    """
     from transformers import AutoModelForCausalLM
 
+    auto_class = auto_class or AutoModelForCausalLM
     source = source or resolve(cfg.model.name)
     dtype = train_dtype(cfg.train.precision, cfg.model.dtype)
     kwargs = dict(
@@ -74,11 +79,12 @@ def load_model(cfg: Config, tokenizer, source: ModelSource | None = None):
         revision=cfg.model.revision,
         trust_remote_code=cfg.model.trust_remote_code,
         quantization_config=quantization_config(cfg.quantization, dtype),
+        **model_kwargs,
     )
     if cfg.quantization.bits and has_cuda():
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+        model = auto_class.from_pretrained(source.path, **kwargs)
     except OSError as err:
         raise TunelabError(f"model.name={cfg.model.name}: cannot load weights from {source.path}: {err}") from None
     fit_embeddings(model, tokenizer)
@@ -92,7 +98,8 @@ def load_model(cfg: Config, tokenizer, source: ModelSource | None = None):
 
         model = PeftModel.from_pretrained(model, source.adapter).merge_and_unload()
     model.config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:  # a classifier (reward model) has none
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
     # A cache in training turns off the packed-sequence detection of transformers' masks.
     model.config.use_cache = False
     return model
@@ -104,13 +111,27 @@ def fit_embeddings(model, tokenizer) -> None:
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
 
 
+def lora_config(peft: PeftConfig, task_type: str = "CAUSAL_LM"):
+    """peft's LoraConfig for the peft.* settings; task_type SEQ_CLS also trains the new score head."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=peft.r,
+        lora_alpha=peft.alpha,
+        lora_dropout=peft.dropout,
+        target_modules=peft.target_modules,
+        use_dora=peft.method == "dora",
+        task_type=task_type,
+    )
+
+
 def apply_peft(model, peft: PeftConfig, quantized: bool, gradient_checkpointing: bool):
     """Wrap the model in a LoRA/DoRA adapter (QLoRA when the base is quantized); full = unchanged."""
     if peft.method == "full":
         if gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model, prepare_model_for_kbit_training
 
     if quantized:
         model = prepare_model_for_kbit_training(
@@ -121,16 +142,8 @@ def apply_peft(model, peft: PeftConfig, quantized: bool, gradient_checkpointing:
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    lora = LoraConfig(
-        r=peft.r,
-        lora_alpha=peft.alpha,
-        lora_dropout=peft.dropout,
-        target_modules=peft.target_modules,
-        use_dora=peft.method == "dora",
-        task_type="CAUSAL_LM",
-    )
     try:
-        return get_peft_model(model, lora)
+        return get_peft_model(model, lora_config(peft))
     except ValueError as err:  # e.g. target module names that the model does not have
         raise TunelabError(f"peft.target_modules={peft.target_modules!r}: {err}") from None
 

@@ -111,10 +111,12 @@ def perplexity(loss: float) -> float:
 class MetricsCallback(TrainerCallback):
     """Mirrors every Trainer log to metrics.jsonl, the source for plots and the report."""
 
-    def __init__(self, path: str | os.PathLike, resume_step: int | None = None):
+    def __init__(self, path: str | os.PathLike, resume_step: int | None = None, perplexity: bool = True):
         """`resume_step`: the checkpoint step a resumed run restarts from. Lines logged after
-        it are dropped now because the resumed run logs those steps again."""
+        it are dropped now because the resumed run logs those steps again. `perplexity`: add
+        exp(loss) to loss lines (false where the loss is no cross-entropy, as in DPO)."""
         self.path = Path(path)
+        self.perplexity = perplexity
         if resume_step is not None and self.path.exists():
             kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= resume_step]
             atomic_write_text(self.path, "".join(_dumps(r) + "\n" for r in kept))
@@ -124,8 +126,8 @@ class MetricsCallback(TrainerCallback):
         if not state.is_world_process_zero or not logs:
             return
         record = {"step": state.global_step, "epoch": state.epoch, "time": time.time(), **logs}
-        if "eval_loss" in logs:
+        if "eval_loss" in logs and self.perplexity:
             record["perplexity"] = perplexity(logs["eval_loss"])
-        if "loss" in logs:
+        if "loss" in logs and self.perplexity:
             record["train_perplexity"] = perplexity(logs["loss"])
         append_jsonl(self.path, record)

@@ -69,6 +69,13 @@ def plot_metrics(records: list[dict], out_dir: str | os.PathLike) -> list[Path]:
     return [p for p in written if p is not None]
 
 
+def plot_curves(records: list[dict], keys: dict[str, str], title: str, path: str | os.PathLike) -> Path | None:
+    """One figure of the given metrics.jsonl keys (key → legend label), such as a preference stage's
+    reward and accuracy; validation keys (`eval_*`) are drawn with dots. None when no key has points."""
+    series = tuple((key, label, "o-" if key.startswith("eval_") else "-") for key, label in keys.items())
+    return _plot(records, series, title, title.lower(), Path(path))
+
+
 def _finite(v) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
 
