@@ -15,13 +15,17 @@ from tunelab.errors import TunelabError
 
 
 def _train(args) -> None:
+    from tunelab import distributed
     from tunelab.config import load_config
     from tunelab.stages import sft
 
     overrides = list(args.overrides) + (["train.resume=true"] if args.resume else [])
-    cfg = load_config(args.recipe, overrides)
+    cfg = load_config(args.recipe, overrides)  # config errors show once, before N processes start
+    if args.nproc > 1 and distributed.world_size() == 1:
+        distributed.relaunch(args.nproc, args.argv)
     result = sft.run(cfg)
-    _print_result(result)
+    if distributed.is_main():
+        _print_result(result)
 
 
 def _quickstart(args) -> None:
@@ -121,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("train", "reward", "dpo", "rl"):
             p.add_argument("recipe", help=f"recipe YAML, e.g. recipes/{'samsum-lora' if name == 'train' else name}.yaml")
             p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+            if name == "train":
+                p.add_argument("--nproc", type=int, default=1, metavar="N",
+                               help="processes (GPUs) on this machine: re-runs under torchrun, FSDP2 by default "
+                                    "(distributed.strategy); for several machines see README 'Scaling out'")
             _add_overrides(p)
         elif name == "quickstart":
             _add_overrides(p)
@@ -162,6 +170,7 @@ def _quiet_libraries(verbose: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what `--nproc` re-runs under torchrun
     _quiet_libraries(args.verbose)
     try:
         args.func(args)

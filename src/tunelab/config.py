@@ -174,6 +174,24 @@ class TrackingConfig(_Section):
     """Extra trainer integrations, passed through."""
 
 
+class DistributedConfig(_Section):
+    """How a run launched on several processes (`--nproc N`, torchrun, accelerate launch) splits the
+    work; one process ignores it. Each process gets train.batch_size rows per step, so the global
+    batch is batch_size x grad_accum x processes."""
+
+    strategy: Literal["fsdp", "ddp"] = "fsdp"
+    """`fsdp`: FSDP2 shards weights, gradients and optimizer state across processes (full, LoRA, QLoRA);
+    `ddp`: every process holds the whole model (for small models, where sharding costs more than it saves)."""
+    reshard_after_forward: bool = True
+    """fsdp: free each layer's gathered weights after its forward (least memory); false keeps them for
+    the backward (one all-gather fewer per layer, more memory)."""
+    wrap: list[Annotated[str, Field(min_length=1)]] | None = None
+    """fsdp: layer classes sharded as one unit each, e.g. [LlamaDecoderLayer]; default: the model's own
+    (`_no_split_modules`)."""
+    cpu_ram_efficient_loading: bool = False
+    """fsdp: only rank 0 reads the checkpoint; the others get the weights by broadcast (one copy in host RAM)."""
+
+
 class PreferenceConfig(_Section):
     """Settings of `tunelab reward`, `tunelab dpo` and `tunelab rl`; the other commands ignore them."""
 
@@ -206,6 +224,7 @@ class Config(_Section):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
+    distributed: DistributedConfig = DistributedConfig()
     preference: PreferenceConfig = PreferenceConfig()
     sweep: dict[str, Annotated[list, Field(min_length=1)]] | None = None
     """Hyperparameter grid for `tunelab kfold`, e.g. {peft.r: [8, 16], train.lr: [1e-4, 2e-4]}: every
@@ -225,6 +244,7 @@ class Config(_Section):
             )
         if self.train.early_stopping and not self.train.eval_every:
             problems.append("train.early_stopping: needs train.eval_every (validation every N steps)")
+        problems += _distributed_problems(self.distributed, self.quantization)
         if (self.data.folds is None) != (self.data.fold is None):
             problems.append("data.fold: data.folds and data.fold are set together (or neither)")
         elif self.data.folds is not None and self.data.fold >= self.data.folds:
@@ -244,6 +264,18 @@ class Config(_Section):
         if self.quantization.bits == 8:
             return f"{self.peft.method}-8bit"
         return self.peft.method
+
+
+def _distributed_problems(d: DistributedConfig, q: QuantizationConfig) -> list[str]:
+    """Settings FSDP2 cannot honour (they would fail only once several processes are running)."""
+    problems = []
+    if d.strategy == "fsdp" and q.bits == 8:
+        problems.append("distributed.strategy: FSDP cannot shard 8-bit bitsandbytes weights; use quantization.bits=4 "
+                        "(QLoRA shards) or distributed.strategy=ddp")
+    if d.cpu_ram_efficient_loading and q.bits:
+        problems.append("distributed.cpu_ram_efficient_loading: not with quantization.bits (every process "
+                        "quantizes its own copy on its GPU); set it to false")
+    return problems
 
 
 SET_BY_KFOLD = ("data.folds", "data.fold", "run.dir", "sweep")

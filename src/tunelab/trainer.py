@@ -15,6 +15,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from tunelab.config import Config
+from tunelab.distributed import eval_loader, trainer_arguments
 from tunelab.errors import TunelabError
 from tunelab.evals.loss import loss_sums, summarize
 from tunelab.models.build import has_cuda
@@ -23,10 +24,8 @@ from tunelab.models.build import has_cuda
 class TunelabTrainer(Trainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
         start = time.time()
-        total, count = loss_sums(self.model, self.get_eval_dataloader(eval_dataset))
-        total = self.accelerator.reduce(total, "sum").item()
-        count = self.accelerator.reduce(count, "sum").item()
-        result = summarize(total, count)
+        total, count = loss_sums(self.model, eval_loader(self, eval_dataset))
+        result = summarize(total.item(), count.item())
         metrics = {
             f"{metric_key_prefix}_loss": result["loss"],
             f"{metric_key_prefix}_perplexity": result["perplexity"],
@@ -88,4 +87,5 @@ def training_arguments(cfg: Config, checkpoints: str, report_to: list[str]) -> T
         remove_unused_columns=True,
         label_names=["labels"],
         disable_tqdm=False,
+        **trainer_arguments(cfg),  # FSDP2 or DDP settings when several processes run
     )

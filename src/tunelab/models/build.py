@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from tunelab.config import Config, PeftConfig, QuantizationConfig
+from tunelab.distributed import fsdp_enabled
 from tunelab.errors import TunelabError
 from tunelab.models.loading import DEFAULT_CHAT_TEMPLATE, PAD_TOKEN, ModelSource, resolve
 
@@ -47,18 +48,22 @@ def load_tokenizer(source: ModelSource):
     return tokenizer
 
 
-def quantization_config(q: QuantizationConfig, compute_dtype: torch.dtype):
+def quantization_config(q: QuantizationConfig, compute_dtype: torch.dtype, sharded: bool = False):
+    """`sharded` (FSDP2): pack the 4-bit weights into the compute dtype instead of uint8, so FSDP can
+    shard them like any float parameter (accelerate leaves uint8 ones whole on every GPU)."""
     if q.bits is None:
         return None
     from transformers import BitsAndBytesConfig
 
     if q.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
+    compute = compute_dtype if q.compute_dtype == "auto" else getattr(torch, q.compute_dtype)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=q.quant_type,
         bnb_4bit_use_double_quant=q.double_quant,
-        bnb_4bit_compute_dtype=compute_dtype if q.compute_dtype == "auto" else getattr(torch, q.compute_dtype),
+        bnb_4bit_compute_dtype=compute,
+        **({"bnb_4bit_quant_storage": compute} if sharded else {}),
     )
 
 
@@ -78,7 +83,7 @@ def load_model(cfg: Config, tokenizer, source: ModelSource | None = None, auto_c
         attn_implementation=cfg.model.attn_implementation,
         revision=cfg.model.revision,
         trust_remote_code=cfg.model.trust_remote_code,
-        quantization_config=quantization_config(cfg.quantization, dtype),
+        quantization_config=quantization_config(cfg.quantization, dtype, sharded=fsdp_enabled(cfg)),
         **model_kwargs,
     )
     if cfg.quantization.bits and has_cuda():
@@ -156,10 +161,11 @@ def load_for_training(cfg: Config):
     return model, tokenizer
 
 
-def save_trained(model, tokenizer, run_dir: Path, full: bool) -> Path:
-    """Adapter (or full model) plus the tokenizer, so inference renders and pads exactly as training did."""
+def save_trained(model, tokenizer, run_dir: Path, full: bool, state_dict: dict | None = None) -> Path:
+    """Adapter (or full model) plus the tokenizer, so inference renders and pads exactly as training did.
+    `state_dict`: the weights gathered from FSDP shards (the model's own are only this rank's part)."""
     out = run_dir / ("model" if full else "adapter")
-    model.save_pretrained(out)
+    model.save_pretrained(out, state_dict=state_dict)
     tokenizer.save_pretrained(out)
     return out
 

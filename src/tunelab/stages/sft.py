@@ -11,7 +11,9 @@ from pathlib import Path
 
 import torch
 
+from tunelab import distributed
 from tunelab.config import Config, dump_config
+from tunelab.distributed import is_main
 from tunelab.errors import TunelabError
 from tunelab.tracking.metrics import MetricsCallback, read_jsonl, write_json
 
@@ -42,6 +44,8 @@ def open_run_dir(cfg: Config) -> tuple[Path, Path | None]:
             f"run folder {run_dir} already holds a run; pass --resume to continue it, "
             "or choose another run.name / run.dir"
         )
+    if not is_main():  # under several processes, rank 0 alone writes the run folder
+        return run_dir, resume_from
     if not cfg.train.resume:  # a run killed before its first checkpoint starts over: drop what it logged
         for stale in ("metrics.jsonl", "eval_before.json"):
             (run_dir / stale).unlink(missing_ok=True)
@@ -69,6 +73,14 @@ def evaluate(trainer, model, tokenizer, cfg: Config, examples, label: str) -> tu
     result.update(task)
     log.info("eval %s: %s", label, ", ".join(f"{k}={v:.4g}" for k, v in result.items()))
     return result, rows
+
+
+def evaluate_before(trainer, tokenizer, cfg: Config, data, path: Path) -> tuple[dict, list[dict]]:
+    """Evaluate the untouched model and keep the result, so a resumed run reuses it."""
+    before, rows = evaluate(trainer, trainer.model, tokenizer, cfg, data.eval_examples, "before")
+    if is_main():
+        write_json(path, {"metrics": before, "rows": rows})
+    return before, rows
 
 
 def build_trainer(cfg: Config, model, tokenizer, data, run_dir: Path, resume_step: int | None, report_to: list[str]):
@@ -110,21 +122,24 @@ def train(trainer, resume_from: Path | None) -> dict:
 
 def run(cfg: Config) -> RunResult:
     from tunelab.data.prepare import prepare
-    from tunelab.models.build import load_for_training, save_trained
+    from tunelab.models.build import load_for_training, save_trained, train_dtype
     from tunelab.tracking.plots import plot_metrics
     from tunelab.tracking.report import write_report
     from tunelab.tracking.wandb_setup import finish_wandb, wandb_report_to
 
     from transformers import set_seed
 
+    distributed.init(cfg)  # joins the process group (if torchrun started several) before the model loads
     run_dir, resume_from = open_run_dir(cfg)
     report_to = wandb_report_to(cfg.tracking.wandb, cfg.tracking.project, cfg.run.name, run_dir,
                                 list(cfg.tracking.report_to))  # checks the integrations before the model loads
     set_seed(cfg.run.seed)  # LoRA's A matrices and new embedding rows are drawn from the global RNG
-    model, tokenizer = load_for_training(cfg)
-    data = prepare(cfg.data, tokenizer, cfg.run.seed)
-    write_json(run_dir / "data_stats.json", data.stats)
-    if data.test_examples is not None:
+    with distributed.main_process_first():
+        model, tokenizer = load_for_training(cfg)
+        data = prepare(cfg.data, tokenizer, cfg.run.seed)
+    if is_main():
+        write_json(run_dir / "data_stats.json", data.stats)
+    if data.test_examples is not None and is_main():
         data.test_examples.to_json(run_dir / "test.jsonl")  # held out for `tunelab eval`
 
     resume_step = int(resume_from.name.split("-")[-1]) if resume_from else None
@@ -132,20 +147,27 @@ def run(cfg: Config) -> RunResult:
 
     # Evaluate the untouched model once; a resumed run reuses that result.
     before_file = run_dir / "eval_before.json"
+    before, before_rows, deferred = {}, [], None
     if before_file.exists():
         saved = json.loads(before_file.read_text())
         before, before_rows = saved["metrics"], saved["rows"]
+    elif cfg.eval.before and distributed.fsdp_enabled(cfg):  # FSDP2 shards the model inside train()
+        deferred = distributed.after_sharding(trainer, lambda: evaluate_before(trainer, tokenizer, cfg, data, before_file))
     elif cfg.eval.before:
-        before, before_rows = evaluate(trainer, model, tokenizer, cfg, data.eval_examples, "before")
-        write_json(before_file, {"metrics": before, "rows": before_rows})
-    else:
-        before, before_rows = {}, []
+        before, before_rows = evaluate_before(trainer, tokenizer, cfg, data, before_file)
 
     timing = train(trainer, resume_from)
+    if deferred:
+        before, before_rows = deferred.result
     after, after_rows = evaluate(trainer, model, tokenizer, cfg, data.eval_examples, "after")
     finish_wandb()  # transformers never closes its W&B run; flush it before the report
 
-    out = save_trained(trainer.model, tokenizer, run_dir, full=cfg.peft.method == "full")
+    full = cfg.peft.method == "full"
+    state_dict = distributed.full_state_dict(trainer, train_dtype(cfg.train.precision, cfg.model.dtype) if full else None)
+    real_tokens = distributed.total(collator.real_tokens)
+    if not is_main():
+        return RunResult(run_dir, {})
+    out = save_trained(trainer.model, tokenizer, run_dir, full=full, state_dict=state_dict)
     write_samples(run_dir / "samples.jsonl", before_rows, after_rows)
     summary = {
         "model": cfg.model.name,
@@ -156,7 +178,7 @@ def run(cfg: Config) -> RunResult:
             "steps": trainer.state.global_step,
             "epochs": trainer.state.epoch,
             "runtime_s": timing["runtime_s"],
-            "tokens_per_s": collator.real_tokens / timing["runtime_s"] if timing["runtime_s"] else None,
+            "tokens_per_s": real_tokens / timing["runtime_s"] if timing["runtime_s"] else None,  # all processes
             "pad_fraction": collator.pad_fraction,
             "peak_memory_gb": peak_memory_gb(),
             "final_loss": last_train_loss(run_dir / "metrics.jsonl"),
