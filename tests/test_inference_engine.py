@@ -115,16 +115,22 @@ def test_static_kv_accounting_by_hand():
     assert summary["peak_reserved_bytes"] == 120
 
 
-def test_paged_wastes_less_kv_than_static_at_the_same_budget(tiny, tokenizer):
+def test_paged_wastes_less_kv_than_static_at_the_same_budget(tiny, tokenizer, tmp_path):
+    import json
+
     from tunelab.inference.bench import ROW_KEYS, bench
 
     prompts = _prompts(tokenizer, 6)
-    rows = bench(tiny, tokenizer, prompts, [6] * len(prompts), kv_budget_tokens=256, page_size=8)
+    log = tmp_path / "kv.jsonl"
+    rows = bench(tiny, tokenizer, prompts, [6] * len(prompts), kv_budget_tokens=256, page_size=8, kv_log=log)
     static, paged = rows
     assert all(set(ROW_KEYS) <= set(r) for r in rows)
     assert paged["kv_waste_pct"] < static["kv_waste_pct"]
     assert paged["peak_running"] > static["peak_running"]  # more sequences fit in the same memory
     assert static["generated_tokens"] == paged["generated_tokens"] == 36
+    steps = [json.loads(line) for line in log.read_text().splitlines()]
+    assert {s["backend"] for s in steps} == {"static", "paged"}
+    assert all(s["reserved_bytes"] >= s["live_bytes"] > 0 and s["reserved_tokens"] <= 256 for s in steps)
 
 
 def test_backend_choice_and_vllm_refusal(monkeypatch):

@@ -64,9 +64,10 @@ def run_workload(engine: Engine, prompts: list[list[int]], limits: list[int], de
 
 
 def bench(model, tokenizer, prompts: list[list[int]], limits: list[int], *, kv_budget_tokens: int,
-          page_size: int = 16, backends=("static", "paged"), **paged_options) -> list[dict]:
+          page_size: int = 16, backends=("static", "paged"), kv_log: Path | None = None, **paged_options) -> list[dict]:
     """One row per backend, each started fresh on the same model at the same KV budget (in tokens):
-    the static batch takes as many rows as the budget allows, the paged cache has budget/page_size blocks."""
+    the static batch takes as many rows as the budget allows, the paged cache has budget/page_size blocks.
+    kv_log: also write every step's KV state there (JSON lines, with the backend)."""
     import torch
 
     from tunelab.inference.engine import build_engine
@@ -86,6 +87,8 @@ def bench(model, tokenizer, prompts: list[list[int]], limits: list[int], *, kv_b
             engine.ledger.reset()  # the summary covers the timed workload only
             measured = run_workload(engine, prompts, limits, backend)
             kv = engine.kv()["summary"]
+            if kv_log is not None:
+                write_kv_log(engine, kv_log, append=backend != backends[0])
         finally:
             engine.close()
         rows.append({"backend": backend, **measured, "kv_waste_pct": kv["kv_waste_pct"], "device": device_name(model),
@@ -104,6 +107,14 @@ def format_table(rows: list[dict]) -> str:
     lines = [" | ".join(c.ljust(w) for c, w in zip(cols, widths)), "-+-".join("-" * w for w in widths)]
     lines += [" | ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(row, widths))) for row in cells]
     return "\n".join(lines)
+
+
+def write_kv_log(engine: Engine, path: Path, append: bool = False) -> None:
+    """The engine's per-step KV states as JSON lines."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a" if append else "w") as f:
+        for row in engine.ledger.per_batch():
+            f.write(json.dumps({"backend": engine.name, **row}) + "\n")
 
 
 def write_rows(rows: list[dict], path: Path) -> None:

@@ -96,6 +96,11 @@ def _generate(args) -> None:
                                     "prompt_tokens": c.prompt_tokens, "completion_tokens": len(c.token_ids)}) + "\n")
         kv = engine.kv()["summary"]
         print(f"{len(done)} outputs written to {out}  (KV waste {kv.get('kv_waste_pct', 'n/a')} %)")
+        if args.kv_log and engine.ledger is not None:
+            from tunelab.inference.bench import write_kv_log
+
+            write_kv_log(engine, Path(args.kv_log))
+            print(f"per-step KV states written to {args.kv_log}")
     finally:
         engine.close()
 
@@ -180,7 +185,7 @@ def _bench(args) -> None:
           f"(mean {sum(map(len, prompts)) / len(prompts):.0f}), {args.max_new_tokens} new tokens each (greedy), "
           f"KV budget {budget} tokens for both backends", flush=True)
     rows = bench(model, tokenizer, prompts, [args.max_new_tokens] * len(prompts), kv_budget_tokens=budget,
-                 page_size=args.page_size)
+                 page_size=args.page_size, kv_log=Path(args.kv_log) if args.kv_log else None)
     print()
     print(format_table(rows))
     if args.output:
@@ -215,6 +220,7 @@ def register(sub) -> None:
     p.add_argument("--prompt", help="one prompt; the answer streams to the terminal")
     p.add_argument("--input", help="prompts.jsonl: one {\"prompt\": ..., \"context\": optional} per line")
     p.add_argument("--output", default="outputs.jsonl", help="where --input's outputs go")
+    p.add_argument("--kv-log", help="with --input: write the KV state of every generation step (JSON lines)")
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("chat", help="interactive multi-turn chat (streaming; /style NAME, /reset, /exit)")
@@ -239,4 +245,5 @@ def register(sub) -> None:
     p.add_argument("--kv-budget-tokens", type=int, help="KV budget for both backends (default: twice the longest request)")
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--output", help="write the rows as JSON")
+    p.add_argument("--kv-log", help="write the KV state of every generation step of both backends (JSON lines)")
     p.set_defaults(func=_bench)

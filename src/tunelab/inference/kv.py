@@ -41,7 +41,7 @@ class KVSnapshot:
 class KVLedger:
     """Per-step snapshots (the last `keep`) and their running sums, for a run summary in bytes."""
 
-    def __init__(self, bytes_per_token: int, keep: int = 2048):
+    def __init__(self, bytes_per_token: int, keep: int = 100_000):
         self.bytes_per_token = bytes_per_token
         self.batches: deque[KVSnapshot] = deque(maxlen=keep)
         self._lock = threading.Lock()
@@ -73,12 +73,20 @@ class KVLedger:
             self._peak_blocks = max(self._peak_blocks, snap.blocks_in_use)
             self._peak_running = max(self._peak_running, snap.running)
 
-    def now(self) -> dict:
-        """The current state, with bytes."""
-        snap = self.current
+    def _with_bytes(self, snap: KVSnapshot) -> dict:
         return {**asdict(snap), "waste_pct": round(snap.waste_pct, 2),
                 "reserved_bytes": snap.reserved_tokens * self.bytes_per_token,
                 "live_bytes": snap.live_tokens * self.bytes_per_token}
+
+    def now(self) -> dict:
+        """The current state, with bytes."""
+        return self._with_bytes(self.current)
+
+    def per_batch(self) -> list[dict]:
+        """One row per recorded generation step (the last `keep`), with bytes."""
+        with self._lock:
+            snaps = list(self.batches)
+        return [{"step": i, **self._with_bytes(s)} for i, s in enumerate(snaps)]
 
     def summary(self) -> dict:
         """Over all steps so far: waste (step-weighted), peaks and preemptions."""
