@@ -141,7 +141,7 @@ def summarise(reviews: Reviews) -> dict:
         "criteria": [{"name": c.name, "weight": c.weight, "scale": [c.scale_min, c.scale_max]} for c in reviews.criteria],
         "progress": {"done": sum(len(i.done) for i in reviews.items.values()),
                      "needed": sum(i.needed for i in reviews.items.values()),
-                     "items": len(reviews.items)},
+                     "n_items": len(reviews.items)},
         "models": {m: {**ranked.get(m, {"win_rate": None, "mean_rank": None}),
                        **scored.get(m, {"weighted_score": None, "criteria": {}})} for m in models},
         "agreement": {"rubric_alpha": alphas, "kendall_w": _mean(ws), "rank_items_with_2plus": len(ws),
@@ -156,7 +156,7 @@ def format_summary(summary: dict) -> str:
         return "n/a" if v is None else format(v, spec)
 
     lines = [f"progress: {summary['progress']['done']}/{summary['progress']['needed']} reviews "
-             f"on {summary['progress']['items']} items", "models:"]
+             f"on {summary['progress']['n_items']} items", "models:"]
     for m, v in summary["models"].items():
         lines.append(f"  {m}: weighted rubric score {f(v['weighted_score'], '.1f')}/100, "
                      f"win rate {f(v['win_rate'])}, mean rank {f(v['mean_rank'], '.2f')}")
@@ -170,7 +170,8 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _bars(path: Path, title: str, ylabel: str, series: dict[str, dict[str, float | None]], red: set[str] = frozenset()) -> Path | None:
+def _bars(path: Path, title: str, ylabel: str, series: dict[str, dict[str, float | None]], red: set[str] = frozenset(),
+          top: float | None = None) -> Path | None:
     """Grouped bar chart: series name -> {label: value}; labels in `red` are drawn red."""
     labels = sorted({k for s in series.values() for k, v in s.items() if v is not None})
     if not labels:
@@ -187,6 +188,7 @@ def _bars(path: Path, title: str, ylabel: str, series: dict[str, dict[str, float
     ax.set_xticks(range(len(labels)), labels, rotation=20 if len(labels) > 4 else 0, ha="right" if len(labels) > 4 else "center")
     ax.set_title(title)
     ax.set_ylabel(ylabel)
+    ax.set_ylim(0, top)
     ax.grid(axis="y", alpha=0.3)
     if len(series) > 1:
         ax.legend(fontsize=8)
@@ -205,9 +207,9 @@ def _plots(summary: dict, out: Path) -> list[Path]:
                                for m, v in models.items()}
     flagged = {r["name"] for r in summary["reviewers"] if r["flagged"]}
     made = [
-        _bars(out / "rubric_scores.png", "Rubric scores by model (0-100)", "score", criteria),
+        _bars(out / "rubric_scores.png", "Rubric scores by model (0-100)", "score", criteria, top=100),
         _bars(out / "win_rate.png", "Win rate in rankings", "share of comparisons won",
-              {"win rate": {m: v["win_rate"] for m, v in models.items()}}),
+              {"win rate": {m: v["win_rate"] for m, v in models.items()}}, top=1),
         _bars(out / "reviewer_distance.png", "Reviewer distance from the others (red: flagged)", "distance",
               {"rubric (share of scale)": {r["name"]: r["rubric_distance"] for r in summary["reviewers"]},
                "ranking (share disagreeing)": {r["name"]: r["rank_disagreement"] for r in summary["reviewers"]}},
