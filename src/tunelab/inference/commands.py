@@ -158,9 +158,9 @@ def _serve(args) -> None:
     from tunelab.inference.server import create_app, load_with_adapters, parse_adapters
 
     adapters = parse_adapters(args.adapters)
-    backend = choose_backend(args.backend)
+    backend = "paged" if args.backend == "auto" else choose_backend(args.backend)
     if backend == "vllm":
-        raise TunelabError("serve: the vllm backend has its own server (`vllm serve`); use --backend paged here")
+        raise TunelabError("serve: vLLM has its own OpenAI server (`vllm serve`); tunelab serves with --backend paged or static")
     model, tokenizer = load_with_adapters(args.target, adapters)
     options = _engine_options(args) | ({"sampling": True} if backend == "paged" else {})
     engine = build_engine(backend, model, tokenizer, **options)
