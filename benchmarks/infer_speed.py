@@ -73,6 +73,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=256, help="requests per workload")
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--workloads", default="samsum,samsum-128")
+    parser.add_argument("--cuda-graph", choices=["auto", "on", "off"], default="auto",
+                        help="paged: CUDA graphs (auto = transformers decides)")
     parser.add_argument("--out", default=str(HERE / "results"))
     args = parser.parse_args()
     if args.write_lengths:
@@ -100,9 +102,10 @@ def main() -> None:
     rows = []
     for workload in args.workloads.split(","):
         limits = [a for _, a in chosen] if workload == "samsum" else [int(workload.split("-")[1])] * args.n
-        got = bench(model, tokenizer, prompts, limits, kv_budget_tokens=args.budget_tokens, page_size=args.page_size)
+        got = bench(model, tokenizer, prompts, limits, kv_budget_tokens=args.budget_tokens, page_size=args.page_size,
+                    cuda_graph={"auto": None, "on": True, "off": False}[args.cuda_graph])
         for row in got:
-            row |= {"workload": workload, "shape": args.shape, "requests": args.n,
+            row |= {"workload": workload, "shape": args.shape, "requests": args.n, "cuda_graph": args.cuda_graph,
                     "kv_budget_gib": round(args.budget_tokens * per_token / 2**30, 2),
                     "torch": torch.__version__, "transformers": transformers.__version__}
         speedup = got[1]["tokens_per_s"] / got[0]["tokens_per_s"]
