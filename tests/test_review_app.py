@@ -106,7 +106,7 @@ def _reviewer(url: str, token: str, sent: dict, errors: list, rng: random.Random
 
 
 def test_fifty_concurrent_reviewers_lose_nothing(db_url, tmp_path):
-    reviewers, items, per_item = 50, 40, 5
+    reviewers, items, per_item = 50, 30, 4
     store, tokens = make_project(db_url, tmp_path, items=items, k=3, per_item=per_item, reviewers=reviewers)
     sent: dict[int, dict[int, int]] = {}
     errors: list[str] = []

@@ -46,6 +46,8 @@ def _add_task(args) -> None:
     store = _store(args)
     if bool(args.prompts) == bool(args.imports):
         raise TunelabError("add-task: give either a PROMPTS file (with --model) or --import FILE..., not both or neither")
+    if args.imports and args.model:
+        raise TunelabError("add-task --import: the outputs are already in the file; drop --model")
     if args.imports:
         from tunelab.review.project import import_files
 
