@@ -75,3 +75,25 @@ def test_cli_end_to_end_with_import(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "m0: weighted rubric score 100.0/100, win rate 1.000" in out
     assert (tmp_path / "rep" / "report.html").is_file() and (tmp_path / "rep" / "plots" / "win_rate.png").is_file()
+
+
+def test_imports_what_eval_export_manual_writes(tmp_path):
+    """The contract with `tunelab eval --export-manual`: its file imports as review items."""
+    from types import SimpleNamespace
+
+    from tunelab.review import project
+    from tunelab.stages.evaluate import write_manual
+
+    chats = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Q{i}"},
+              {"role": "assistant", "content": f"A{i}"}] for i in range(3)]
+    task = SimpleNamespace(name="meetup", rows=SimpleNamespace(examples=chats))
+    predictions = [{"task": "meetup", "model": label, "prediction": f"{label} says {i}"}
+                   for label in ("target", "baseline") for i in range(3)]
+    path = write_manual(tmp_path / "manual.jsonl", task, predictions, 2, {"target": "runs/x", "baseline": "embedded"})
+    store = Store(f"sqlite:///{tmp_path / 'r.db'}")
+    project.init(store, project.DEFAULT_RUBRIC, 1)
+    assert project.import_files(store, [path], ["rank"]) == (2, 0)
+    with store.read() as s:
+        item = s.scalar(select(Item).where(Item.external_id == "meetup-1"))
+        assert item.prompt == chats[1][:2] and item.reference == "A1"
+        assert [(o.model, o.text) for o in item.outputs] == [("runs/x", "target says 1"), ("embedded", "baseline says 1")]

@@ -36,8 +36,8 @@ def test_import_names_file_line_and_field(tmp_path):
     store = Store(f"sqlite:///{tmp_path / 'r.db'}")
     project.init(store, project.DEFAULT_RUBRIC, 2)
     good = import_rows(1)[0]
-    bad = dict(good, outputs=[{"model": "m", "text": "x" * 30_000}])
-    with pytest.raises(TunelabError, match=r"bad.jsonl:2: field 'outputs.0.text'.*at most 20000"):
+    bad = dict(good, outputs=[{"model": "m", "text": "x" * 60_000}])
+    with pytest.raises(TunelabError, match=r"bad.jsonl:2: field 'outputs.0.text'.*at most 50000"):
         project.import_files(store, [write_jsonl(tmp_path / "bad.jsonl", [good, bad])], ["rank"])
     both = dict(good, prompt="hi")
     with pytest.raises(TunelabError, match=r"both.jsonl:1: .*exactly one of `prompt`"):

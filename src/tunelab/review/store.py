@@ -31,7 +31,7 @@ T = TypeVar("T")
 DEFAULT_DB = "sqlite:///review.db"
 
 # Input limits: they bound what one request or one imported row can make the server hold.
-MAX_TEXT = 20_000  # characters in one prompt turn, reference or output
+MAX_TEXT = 50_000  # characters in one prompt turn, reference or output (a long news article fits)
 MAX_OUTPUTS = 12  # outputs shown together in one item
 MAX_COMMENT = 2_000  # characters in a reviewer's comment
 MAX_NAME = 200  # ids, model names, reviewer and criterion names
