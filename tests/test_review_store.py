@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from datetime import timedelta
 
 import pytest
 from sqlalchemy import func, select, text
@@ -160,3 +161,19 @@ def test_sqlite_runs_in_wal_mode(tmp_path):
     store, _ = make_project(f"sqlite:///{tmp_path / 'r.db'}", tmp_path, items=1)
     with store.read() as s:
         assert s.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+
+
+def test_an_abandoned_claim_goes_back_to_the_pool(tmp_path):
+    store, _ = make_project(f"sqlite:///{tmp_path / 'r.db'}", tmp_path, items=1, per_item=1)
+    first = assign.claim(store, 1)
+    assert assign.claim(store, 2) is None  # the only slot is taken
+
+    def backdate(s):
+        s.get(Assignment, first).created_at -= assign.ABANDONED_AFTER + timedelta(minutes=1)
+
+    store.write(backdate)
+    second = assign.claim(store, 2)
+    assert second is not None
+    with pytest.raises(SubmissionError, match="is not yours"):
+        submit(store, 1, first, _rank_form(store, first))
+    submit(store, 2, second, _rank_form(store, second))

@@ -9,16 +9,20 @@ PostgreSQL too; a lost race raises IntegrityError and the caller's transaction i
 from __future__ import annotations
 
 import random
+from datetime import timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from tunelab.review.store import Assignment, Item, Reviewer, Store
+from tunelab.review.store import Assignment, Item, Reviewer, Store, now
 
 # Claims pick at random among this many of the most-reviewed open items: items fill up (and
 # become usable) early, while concurrent reviewers rarely collide on one slot.
 SPREAD = 8
+# An item claimed but not submitted for this long goes back to the pool, so a reviewer who
+# walked away does not hold a slot forever (their page then says the item is no longer theirs).
+ABANDONED_AFTER = timedelta(hours=12)
 
 
 class LostRace(Exception):
@@ -38,6 +42,8 @@ def claim_in(s: Session, reviewer_id: int, rng: random.Random) -> Assignment | N
     current = pending(s, reviewer_id)
     if current is not None:
         return current
+    s.execute(delete(Assignment).where(Assignment.done.is_(False), Assignment.reviewer_id != reviewer_id,
+                                       Assignment.created_at < now() - ABANDONED_AFTER))
     count = func.count(Assignment.id)
     mine = select(Assignment.item_id).where(Assignment.reviewer_id == reviewer_id)
     open_items = s.execute(
