@@ -9,7 +9,8 @@ from importlib import resources
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
 
-def _fmt(value, spec: str = ".3f") -> str:
+def fmt(value, spec: str = ".3f") -> str:
+    """A number for people: `spec`-formatted, or n/a when missing."""
     return "n/a" if value is None else format(value, spec)
 
 
@@ -17,7 +18,7 @@ def _fmt(value, spec: str = ".3f") -> str:
 def environment() -> Environment:
     env = Environment(loader=PackageLoader("tunelab.review", "templates"), autoescape=True,
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    env.filters["fmt"] = _fmt
+    env.filters["fmt"] = fmt
     return env
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from itertools import combinations
 from pathlib import Path
 
@@ -19,7 +19,7 @@ from scipy.stats import rankdata
 from tunelab.review import agreement
 from tunelab.review.aggregate import Reviews, consensus, load
 from tunelab.review.export import write_text
-from tunelab.review.pages import render
+from tunelab.review.pages import fmt, render
 from tunelab.review.store import Store
 
 # Outlier floors, in the units of each distance: rubric distance is a share of the scale
@@ -55,10 +55,11 @@ def _model_ranks(reviews: Reviews) -> dict[str, dict]:
             for m in positions}
 
 
-def _model_scores(reviews: Reviews) -> tuple[dict[str, dict], list[dict]]:
-    """Per model: mean score per criterion and the weighted 0-100 score; and one row per rubric item."""
+def _model_scores(reviews: Reviews) -> tuple[dict[str, dict], dict[int, list[dict]]]:
+    """Per model: mean score per criterion and the weighted 0-100 score; per rubric item: each
+    output's weighted score."""
     per_model: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-    rows = []
+    per_item = {}
     for item in reviews.items.values():
         if item.kind != "rubric":
             continue
@@ -66,14 +67,37 @@ def _model_scores(reviews: Reviews) -> tuple[dict[str, dict], list[dict]]:
         for oid, model, _ in item.outputs:
             for c, v in means.get(oid, {}).items():
                 per_model[model][c].append(v)
-        rows.append({"outputs": [{"model": m, "score": reviews.weighted(means[o]) if o in means else None}
-                                 for o, m, _ in item.outputs]})
+        per_item[item.id] = [{"model": m, "score": reviews.weighted(means[o]) if o in means else None}
+                             for o, m, _ in item.outputs]
     names = {c.id: c.name for c in reviews.criteria}
     out = {}
     for model, per in per_model.items():
         means = {c: float(np.mean(v)) for c, v in per.items()}
         out[model] = {"weighted_score": reviews.weighted(means), "criteria": {names[c]: v for c, v in means.items()}}
-    return out, rows
+    return out, per_item
+
+
+def _rank_agreement(reviews: Reviews) -> tuple[dict[int, dict], dict, dict[int, float]]:
+    """Per rank item: Kendall's W and each output's mean rank; overall: mean W and pooled pairwise
+    agreement; per reviewer: the share of their comparisons that disagree with another reviewer."""
+    per_item, ws, agree, total = {}, [], 0, 0
+    counts: dict[int, list[int]] = defaultdict(lambda: [0, 0])
+    for item in reviews.items.values():
+        if item.kind != "rank":
+            continue
+        raters, ranks = reviews.rank_matrix(item)
+        w = agreement.kendalls_w(ranks)
+        ws += [w] if w is not None else []
+        a, t = agreement.pairwise_counts(ranks)
+        agree, total = agree + a, total + t
+        for r, (d, n) in zip(raters, agreement.rank_disagreement(ranks)):
+            counts[r][0] += d
+            counts[r][1] += n
+        mean = consensus(ranks) if ranks else [None] * len(item.outputs)
+        per_item[item.id] = {"agreement": w, "outputs": [{"model": m, "score": None if v is None else float(v)}
+                                                         for (_, m, _), v in zip(item.outputs, mean)]}
+    overall = {"kendall_w": _mean(ws), "rank_items_with_2plus": len(ws), "pairwise": agree / total if total else None}
+    return per_item, overall, {r: d / n for r, (d, n) in counts.items() if n}
 
 
 def _rubric_alpha_and_distance(reviews: Reviews) -> tuple[dict[str, float | None], dict[int, list[float]]]:
@@ -97,44 +121,23 @@ def _rubric_alpha_and_distance(reviews: Reviews) -> tuple[dict[str, float | None
 
 def summarise(reviews: Reviews) -> dict:
     ranked = _model_ranks(reviews)
-    scored, rubric_rows = _model_scores(reviews)
+    scored, rubric_items = _model_scores(reviews)
     alphas, rubric_distance = _rubric_alpha_and_distance(reviews)
-
-    ws, agree, total = [], 0, 0
-    rank_counts: dict[int, list[int]] = defaultdict(lambda: [0, 0])
-    items = []
-    rubric_iter = iter(rubric_rows)
-    for item in reviews.items.values():
-        row = {"id": item.external_id, "kind": item.kind, "done": len(item.done), "needed": item.needed,
-               "pending": item.pending, "agreement": None}
-        if item.kind == "rank":
-            raters, ranks = reviews.rank_matrix(item)
-            row["agreement"] = agreement.kendalls_w(ranks)
-            if row["agreement"] is not None:
-                ws.append(row["agreement"])
-            a, t = agreement.pairwise_counts(ranks)
-            agree, total = agree + a, total + t
-            for r, (d, n) in zip(raters, agreement.rank_disagreement(ranks)):
-                rank_counts[r][0] += d
-                rank_counts[r][1] += n
-            mean = consensus(ranks) if ranks else [None] * len(item.outputs)
-            row["outputs"] = [{"model": m, "score": None if v is None else float(v)} for (_, m, _), v in zip(item.outputs, mean)]
-        else:
-            row["outputs"] = next(rubric_iter)["outputs"]
-        items.append(row)
-
-    done_by = defaultdict(int)
-    for r in reviews.by.values():
-        done_by[r] += 1
-    rubric_dist = {reviews.reviewer_names[r]: _mean(v) for r, v in rubric_distance.items()}
-    rank_dist = {reviews.reviewer_names[r]: d / n for r, (d, n) in rank_counts.items() if n}
-    flagged_rubric = agreement.outliers(rubric_dist, RUBRIC_FLOOR)
-    flagged_rank = agreement.outliers(rank_dist, RANK_FLOOR)
+    rank_items, rank_overall, rank_distance = _rank_agreement(reviews)
+    items = [
+        {"id": i.external_id, "kind": i.kind, "done": len(i.done), "needed": i.needed, "pending": i.pending,
+         **(rank_items[i.id] if i.kind == "rank" else {"agreement": None, "outputs": rubric_items[i.id]})}
+        for i in reviews.items.values()
+    ]
+    names = reviews.reviewer_names
+    rubric_dist = {names[r]: _mean(v) for r, v in rubric_distance.items()}
+    rank_dist = {names[r]: v for r, v in rank_distance.items()}
+    flagged = {"rubric": agreement.outliers(rubric_dist, RUBRIC_FLOOR), "rank": agreement.outliers(rank_dist, RANK_FLOOR)}
+    done_by = Counter(reviews.by.values())
     reviewers = [
         {"name": name, "done": done_by[rid], "rubric_distance": rubric_dist.get(name),
-         "rank_disagreement": rank_dist.get(name),
-         "flagged": [k for k, f in (("rubric", flagged_rubric), ("rank", flagged_rank)) if name in f]}
-        for rid, name in sorted(reviews.reviewer_names.items())
+         "rank_disagreement": rank_dist.get(name), "flagged": [k for k, who in flagged.items() if name in who]}
+        for rid, name in sorted(names.items())
     ]
     models = sorted(set(ranked) | set(scored))
     return {
@@ -144,27 +147,23 @@ def summarise(reviews: Reviews) -> dict:
                      "n_items": len(reviews.items)},
         "models": {m: {**ranked.get(m, {"win_rate": None, "mean_rank": None}),
                        **scored.get(m, {"weighted_score": None, "criteria": {}})} for m in models},
-        "agreement": {"rubric_alpha": alphas, "kendall_w": _mean(ws), "rank_items_with_2plus": len(ws),
-                      "pairwise": agree / total if total else None},
+        "agreement": {"rubric_alpha": alphas, **rank_overall},
         "reviewers": reviewers,
         "items": items,
     }
 
 
 def format_summary(summary: dict) -> str:
-    def f(v, spec=".3f"):
-        return "n/a" if v is None else format(v, spec)
-
     lines = [f"progress: {summary['progress']['done']}/{summary['progress']['needed']} reviews "
              f"on {summary['progress']['n_items']} items", "models:"]
     for m, v in summary["models"].items():
-        lines.append(f"  {m}: weighted rubric score {f(v['weighted_score'], '.1f')}/100, "
-                     f"win rate {f(v['win_rate'])}, mean rank {f(v['mean_rank'], '.2f')}")
+        lines.append(f"  {m}: weighted rubric score {fmt(v['weighted_score'], '.1f')}/100, "
+                     f"win rate {fmt(v['win_rate'])}, mean rank {fmt(v['mean_rank'], '.2f')}")
     ag = summary["agreement"]
-    alphas = ", ".join(f"{k} {f(v)}" for k, v in ag["rubric_alpha"].items())
+    alphas = ", ".join(f"{k} {fmt(v)}" for k, v in ag["rubric_alpha"].items())
     lines.append(f"agreement: Krippendorff's alpha (ordinal) {alphas or 'n/a'}; "
-                 f"Kendall's W {f(ag['kendall_w'])} (mean of {ag['rank_items_with_2plus']} items); "
-                 f"pairwise {f(ag['pairwise'])}")
+                 f"Kendall's W {fmt(ag['kendall_w'])} (mean of {ag['rank_items_with_2plus']} items); "
+                 f"pairwise {fmt(ag['pairwise'])}")
     flagged = [f"{r['name']} ({', '.join(r['flagged'])})" for r in summary["reviewers"] if r["flagged"]]
     lines.append(f"outlying reviewers: {', '.join(flagged) or 'none'}")
     return "\n".join(lines)
