@@ -10,7 +10,7 @@ from tests.conftest import REPO, shared_data
 from tunelab.config import load_config
 from tunelab.stages import dpo, reward, rl
 
-DATA = {"reward.yaml": "hh_rlhf_harmless_base", "dpo.yaml": "orca_dpo_pairs", "rl.yaml": "hh_rlhf_harmless_base"}
+DATA = {"reward.yaml": "hh_rlhf_harmless_base", "dpo.yaml": "hh_rlhf_harmless_base", "rl.yaml": "hh_rlhf_harmless_base"}
 """The preference recipes (tests/test_recipes.py covers the SFT ones) and their folders in ../shared/data."""
 
 
@@ -39,9 +39,8 @@ def test_reward_recipe(reward_run):
 
 
 def test_dpo_recipe(tmp_path, tiny_model_dir):
-    summary = dpo.run(_cfg("dpo.yaml", tmp_path, tiny_model_dir, "train.batch_size=1", "eval.batch_size=2",
-                              "data.max_length=384")).summary
-    assert summary["train"]["steps"] == 1 and summary["data"]["eval_pairs"] > 0
+    summary = dpo.run(_cfg("dpo.yaml", tmp_path, tiny_model_dir, "train.batch_size=1", "eval.batch_size=2")).summary
+    assert summary["train"]["steps"] == 1 and summary["data"]["adapter"] == "hh_rlhf"
     assert {"loss", "reward_accuracy", "reward_margin", "logp_accuracy", "rouge_l"} <= set(summary["eval"]["after"])
 
 
