@@ -70,7 +70,7 @@ def test_outliers_flag_only_the_odd_reviewer():
     assert agreement.outliers({"a": 0.0, "b": 0.9}, floor=0.15) == []  # two reviewers: neither is odd
 
 
-def _review(store, reviewer: int, by_model: dict[str, int | dict[str, int]]):
+def _review(store, reviewer: int, by_model: dict[str, int | dict[str, int]], comment: str = ""):
     """Claim the reviewer's next item and submit ranks or rubric scores given per model name."""
     aid = assign.claim(store, reviewer)
     with store.read() as s:
@@ -81,12 +81,12 @@ def _review(store, reviewer: int, by_model: dict[str, int | dict[str, int]]):
     else:
         form = {f"score_{o.id}_{c}": str(by_model[o.model][name]) for o in outputs
                 for c, name in ((1, "accuracy"), (2, "coherence"), (3, "safety"))}
-    submit(store, reviewer, aid, form)
+    submit(store, reviewer, aid, {**form, "comment": comment})
 
 
 def test_export_pairs_consensus_ties_and_agreement(tmp_path):
     store, _ = make_project(f"sqlite:///{tmp_path / 'r.db'}", tmp_path, items=1, k=3, reviewers=2)
-    _review(store, 1, {"m0": 1, "m1": 2, "m2": 3})
+    _review(store, 1, {"m0": 1, "m1": 2, "m2": 3}, comment="<b>m1 vs m2</b> was close")
     _review(store, 2, {"m0": 1, "m1": 3, "m2": 2})
     # Mean ranks 1, 2.5, 2.5: m0 beats both; m1 vs m2 is a tie and skipped.
     rows = pairs(load(store), "all")
@@ -100,6 +100,9 @@ def test_export_pairs_consensus_ties_and_agreement(tmp_path):
     n = export(store, tmp_path / "prefs.jsonl", "all")
     lines = [json.loads(x) for x in (tmp_path / "prefs.jsonl").read_text().splitlines()]
     assert n == 2 and set(lines[0]) == {"id", "prompt", "chosen", "rejected", "agreement", "n_reviewers"}
+    html, summary = write_report(store, tmp_path / "report")
+    assert summary["items"][0]["comments"] == ["r0: <b>m1 vs m2</b> was close"]
+    assert "r0: &lt;b&gt;m1 vs m2&lt;/b&gt; was close" in html.read_text()
 
 
 def test_export_single_reviewer_and_all_tied(tmp_path):

@@ -24,6 +24,7 @@ class ItemView:
     outputs: list[tuple[int, str, str]] = field(default_factory=list)  # (output id, model, text)
     done: list[int] = field(default_factory=list)  # ids of finished assignments
     pending: int = 0
+    comments: list[tuple[int, str]] = field(default_factory=list)  # (reviewer id, comment)
 
 
 @dataclass
@@ -76,6 +77,8 @@ def load(store: Store) -> Reviews:
             if a.done:
                 items[a.item_id].done.append(a.id)
                 by[a.id] = a.reviewer_id
+                if a.comment:
+                    items[a.item_id].comments.append((a.reviewer_id, a.comment))
             else:
                 items[a.item_id].pending += 1
         ranks: dict[int, dict[int, int]] = defaultdict(dict)

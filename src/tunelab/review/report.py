@@ -126,7 +126,8 @@ def summarise(reviews: Reviews) -> dict:
     rank_items, rank_overall, rank_distance = _rank_agreement(reviews)
     items = [
         {"id": i.external_id, "kind": i.kind, "done": len(i.done), "needed": i.needed, "pending": i.pending,
-         **(rank_items[i.id] if i.kind == "rank" else {"agreement": None, "outputs": rubric_items[i.id]})}
+         **(rank_items[i.id] if i.kind == "rank" else {"agreement": None, "outputs": rubric_items[i.id]}),
+         "comments": [f"{reviews.reviewer_names[r]}: {c}" for r, c in i.comments]}
         for i in reviews.items.values()
     ]
     names = reviews.reviewer_names
