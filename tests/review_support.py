@@ -52,10 +52,13 @@ def postgres_server():
         os.chown(root, user.pw_uid, user.pw_gid)
         prefix = ["runuser", "-u", "postgres", "--"]
     data, port = root / "data", free_port()
-    run = dict(check=True, capture_output=True, text=True, timeout=120)
-    subprocess.run([*prefix, initdb, "-D", str(data), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync"], **run)
     options = f"-k {root} -p {port} -c listen_addresses='' -c fsync=off -c max_connections=200"
-    subprocess.run([*prefix, pg_ctl, "-D", str(data), "-l", str(root / "log"), "-o", options, "-w", "start"], **run)
+    for command in ([initdb, "-D", str(data), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync"],
+                    [pg_ctl, "-D", str(data), "-l", str(root / "log"), "-o", options, "-w", "start"]):
+        done = subprocess.run([*prefix, *command], capture_output=True, text=True, timeout=120)
+        if done.returncode:
+            log = (root / "log").read_text() if (root / "log").exists() else ""
+            pytest.fail(f"{' '.join(command[:1])} failed ({done.returncode}):\n{done.stdout}{done.stderr}{log}")
     try:
         yield {"host": str(root), "port": port}
     finally:
