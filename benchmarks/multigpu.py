@@ -1,0 +1,234 @@
+"""Multi-GPU scaling: tunelab's training path on 1 and 2 GPUs of one machine, FSDP2 through the Trainer.
+
+    NCCL_NVLS_ENABLE=0 python benchmarks/multigpu.py --lengths .gpu/samsum_lengths.json --out benchmarks/results
+    python benchmarks/multigpu.py --dry-run          # CPU: the same processes on a tiny model (gloo, DDP)
+
+Llama-2-7B shape (hidden 4096, 32 layers, intermediate 11008, vocab 32,000), random weights,
+bf16, sdpa, activation checkpointing, 4 rows of 2,048 tokens per GPU and step, packed (best-fit
+decreasing, restarting positions) from samples with SAMSum's real token lengths (contents random).
+Each configuration runs in its own `torchrun` with one process per GPU, through the building
+blocks `tunelab train` uses: model loading and quantization (`tunelab.models.build`), the packing
+collator, `training_arguments` (FSDP2 via transformers/accelerate when there are several
+processes) and TunelabTrainer. tokens/s counts the real tokens of all GPUs over the timed steps
+(after the warm-up steps); peak memory is the largest `max_memory_allocated` over the GPUs.
+Scaling efficiency = tokens/s on N GPUs / (N x tokens/s on 1 GPU), per method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from gpu_spine import SHAPES
+from train_speed import samples
+
+ROW, ROWS_PER_GPU, VOCAB = 2048, 4, 32000
+CONFIGS = {  # name → (peft.method, quantization.bits, GPUs); the order runs the most telling first
+    "lora_all_r16": ("lora", None, 1),
+    "lora_all_r16_fsdp2": ("lora", None, 2),
+    "qlora_all_r16": ("lora", 4, 1),
+    "qlora_all_r16_fsdp2": ("lora", 4, 2),
+    "full_fsdp2": ("full", None, 2),
+}
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+
+
+class _Vocab:
+    """`load_model` asks the tokenizer only for its size and pad id; the benchmark has no tokenizer,
+    and a real one would resize the 32,000-row vocabulary."""
+
+    pad_token_id = 0
+
+    def __len__(self) -> int:
+        return VOCAB
+
+
+def build_model(out: Path, tiny: bool) -> Path:
+    """A random model of the shape, saved to disk (4-bit loading quantizes from a checkpoint)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if (out / "config.json").exists():
+        return out
+    shape = TINY if tiny else SHAPES["llama2-7b"]
+    config = LlamaConfig(vocab_size=VOCAB, max_position_embeddings=4096, rms_norm_eps=1e-5, **shape)
+    torch.manual_seed(0)
+    with torch.device("cpu" if tiny else "cuda"):
+        model = LlamaForCausalLM(config).to(torch.float32 if tiny else torch.bfloat16)
+    model.save_pretrained(out)
+    del model
+    torch.cuda.empty_cache()  # this process waits while the configurations run: leave GPU 0 to them
+    return out
+
+
+def packed_rows(lengths: list[int], n_rows: int, row: int) -> list[dict]:
+    """At least n_rows packed rows of `row` tokens, labels = inputs (every token is learned)."""
+    from tunelab.data.batching import pack_batch
+
+    per_row = max(1, row // (sum(lengths) // len(lengths)))
+    ids = samples(lengths, (n_rows + 2) * (per_row + 1), VOCAB)
+    packed = pack_batch({"input_ids": ids, "labels": ids}, row)
+    rows = [{"input_ids": i, "labels": y, "position_ids": p}
+            for i, y, p in zip(packed["input_ids"], packed["labels"], packed["position_ids"])]
+    return rows[:n_rows]
+
+
+def worker(name: str, model_dir: str, lengths: list[int], steps: int, warmup: int, out: Path, tiny: bool) -> None:
+    """One configuration inside torchrun: every process runs this; rank 0 writes the result row."""
+    import torch
+    import torch.distributed as dist
+    from transformers import TrainerCallback
+
+    from tunelab import distributed
+    from tunelab.config import build_config
+    from tunelab.data.batching import Collator
+    from tunelab.models.build import apply_peft, load_model
+    from tunelab.models.loading import ModelSource
+    from tunelab.trainer import TunelabTrainer, training_arguments
+
+    method, bits, _ = CONFIGS[name]
+    row = 64 if tiny else ROW
+    run_dir = tempfile.mkdtemp(prefix=f"multigpu-{name}-")
+    cfg = build_config({
+        "run": {"dir": run_dir},
+        "model": {"name": model_dir},
+        "quantization": {"bits": bits},
+        "peft": {"method": method, "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
+        "data": {"source": "random", "adapter": "samsum", "max_length": row},
+        "train": {"batch_size": ROWS_PER_GPU, "max_steps": warmup + steps, "lr": 1e-5, "warmup_ratio": 0.0,
+                  "gradient_checkpointing": True, "logging_steps": 1000},
+    })
+    distributed.init(cfg)  # before loading: each process loads onto its own GPU
+    model = load_model(cfg, _Vocab(), ModelSource(model_dir))
+    model = apply_peft(model, cfg.peft, bool(bits), cfg.train.gradient_checkpointing)
+    world = distributed.world_size()
+    collator = Collator(pad_token_id=0)
+    gpu = torch.cuda.is_available()
+
+    class StepTimer(TrainerCallback):
+        """Wall time and real tokens over the steps after the warm-up (collated tokens run one batch
+        ahead of the steps, at both ends alike)."""
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == warmup:
+                if gpu:
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                self.start, self.tokens = time.perf_counter(), collator.real_tokens
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if gpu:
+                torch.cuda.synchronize()
+            self.seconds, self.tokens = time.perf_counter() - self.start, collator.real_tokens - self.tokens
+
+    timer = StepTimer()
+    trainer = TunelabTrainer(
+        model=model, args=training_arguments(cfg, run_dir, []), data_collator=collator, callbacks=[timer],
+        train_dataset=packed_rows(lengths, (warmup + steps + 1) * ROWS_PER_GPU * world, row),
+    )
+    trainer.train()
+    stats = torch.tensor([timer.tokens, torch.cuda.max_memory_allocated() if gpu else 0], dtype=torch.float64,
+                         device=trainer.args.device)
+    if world > 1:
+        tokens, peak = stats.clone(), stats.clone()
+        dist.all_reduce(tokens, dist.ReduceOp.SUM)
+        dist.all_reduce(peak, dist.ReduceOp.MAX)
+        stats = torch.stack([tokens[0], peak[1]])
+    if distributed.is_main():
+        out.write_text(json.dumps({
+            "config": name, "gpus": world, "method": cfg.method, "fsdp2": trainer.is_fsdp_enabled,
+            "tokens_per_s": stats[0].item() / timer.seconds,
+            "tokens_per_s_per_gpu": stats[0].item() / timer.seconds / world,
+            "peak_memory_gib_per_gpu": stats[1].item() / 2**30,
+            "gpu": torch.cuda.get_device_name() if gpu else "cpu", "steps_timed": steps, "tokens_timed": int(stats[0]),
+            "rows_per_gpu": ROWS_PER_GPU, "row_tokens": row,
+        }))
+
+
+def run_config(name: str, args, model_dir: Path, timeout: float) -> dict:
+    gpus = CONFIGS[name][2]
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "row.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}", __file__,
+               "--one", name, "--model-dir", str(model_dir), "--lengths", str(args.lengths), "--steps", str(args.steps),
+               "--warmup", str(args.warmup), "--result", str(result)] + (["--dry-run"] if args.dry_run else [])
+        start = time.time()
+        # its own session, so that a timeout ends torchrun's workers too (they would keep the GPUs)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={"NCCL_NVLS_ENABLE": "0", **os.environ, "TQDM_DISABLE": "1"},  # NVLS off on shared hosts
+                                start_new_session=True)
+        try:
+            output, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            output = f"timed out after {timeout} s\n" + proc.communicate()[0]
+        if proc.returncode == 0 and result.exists():
+            row = json.loads(result.read_text())
+        else:
+            row = {"config": name, "gpus": gpus, "error": output[-3000:]}
+    row["wall_s"] = round(time.time() - start, 1)
+    return row
+
+
+def add_scaling(rows: list[dict]) -> None:
+    """scaling_efficiency on every multi-GPU row whose method also ran on 1 GPU."""
+    single = {r["method"]: r["tokens_per_s"] for r in rows if r.get("gpus") == 1 and "tokens_per_s" in r}
+    for r in rows:
+        if r.get("gpus", 1) > 1 and r.get("method") in single:
+            r["speedup_vs_1_gpu"] = r["tokens_per_s"] / single[r["method"]]
+            r["scaling_efficiency"] = r["speedup_vs_1_gpu"] / r["gpus"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lengths", type=Path, default=Path(".gpu/samsum_lengths.json"),
+                        help="JSON list of sample token lengths (default: the one the GPU runs carry)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--models", type=Path, default=Path("/tmp/tunelab-models"))
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per configuration")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--only", default=",".join(CONFIGS), help="comma-separated configurations")
+    parser.add_argument("--timeout", type=int, default=240, help="seconds one configuration may take")
+    parser.add_argument("--budget", type=int, default=540, help="seconds for everything; configurations that "
+                        "would start later are skipped (one device call is at most 600 s)")
+    parser.add_argument("--dry-run", action="store_true", help="tiny model on the CPU (2 processes, gloo): checks the script")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    lengths = json.loads(args.lengths.read_text()) if args.lengths.exists() else None
+    if args.dry_run:
+        lengths = [min(n, 60) for n in lengths or [17, 23, 40, 9, 31, 55]]
+    elif lengths is None:
+        parser.error(f"--lengths {args.lengths}: no such file")
+    if args.one:
+        worker(args.one, args.model_dir, lengths, args.steps, args.warmup, args.result, args.dry_run)
+        return
+
+    started = time.time()
+    model_dir = build_model(args.models / ("tiny-v32000" if args.dry_run else "llama2-7b-v32000"), args.dry_run)
+    out = args.out / f"multigpu-{datetime.date.today()}{'-dry-run' if args.dry_run else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in args.only.split(","):
+        left = args.budget - (time.time() - started)
+        if left < 30:
+            rows.append({"config": name, "gpus": CONFIGS[name][2], "error": "skipped: --budget spent"})
+        else:
+            rows.append(run_config(name, args, model_dir, min(args.timeout, left)))
+        add_scaling(rows)
+        print(json.dumps(rows[-1]), flush=True)
+        out.write_text(json.dumps(rows, indent=2) + "\n")  # after every row: a timeout keeps what finished
+    print(f"results: {out}")
+
+
+if __name__ == "__main__":
+    main()
