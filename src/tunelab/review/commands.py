@@ -57,7 +57,7 @@ def _add_task(args) -> None:
 
         added, skipped = add_generated(
             store, Path(args.prompts), args.model or [], args.k, _kinds(args.kind), args.per_item,
-            max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed, backend=args.backend,
         )
     print(f"added {added} items" + (f" ({skipped} already present, skipped)" if skipped else ""))
 
@@ -120,6 +120,8 @@ def register(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature when -k > 1")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", default="auto", choices=("auto", "paged", "static", "vllm"),
+                   help="inference engine backend, as for `tunelab generate` (default auto)")
 
     p = add("serve", _serve, "run the review web app")
     p.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1; 0.0.0.0 for a network)")

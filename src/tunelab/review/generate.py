@@ -1,7 +1,7 @@
 """Outputs to review, generated from a prompts file by one or more models or runs.
 
-`generate_outputs` is the one place the review app calls a model, so it can move to the
-inference engine (issue #4) without touching the rest.
+`generate_outputs` is the one place the review app calls a model (through the inference
+engine, `tunelab.inference`, the same one `tunelab generate` and `tunelab serve` use).
 """
 
 from __future__ import annotations
@@ -13,35 +13,28 @@ from tunelab.review import project
 from tunelab.review.store import MAX_OUTPUTS, Store
 
 
-class _Sampling:
-    """The model with sampling switched on. `evals.generation.generate` decodes greedily (right for
-    metrics); k > 1 outputs per prompt need sampling, so this proxy overrides its `generate`
-    call. It can go when the inference engine takes over generation here."""
-
-    def __init__(self, model, temperature: float, top_p: float):
-        self._model, self._sampling = model, {"do_sample": True, "temperature": temperature, "top_p": top_p}
-
-    def __getattr__(self, name):
-        return getattr(self._model, name)
-
-    def generate(self, **kwargs):
-        return self._model.generate(**{**kwargs, **self._sampling})
-
-
 def generate_outputs(model_name: str, chats: list[list[dict]], k: int, *, max_new_tokens: int = 256,
-                     temperature: float = 0.8, top_p: float = 0.95, seed: int = 0, batch_size: int = 8) -> list[list[str]]:
-    """k outputs per chat from one model (greedy when k == 1, sampled otherwise)."""
-    import torch
+                     temperature: float = 0.8, top_p: float = 0.95, seed: int = 0, backend: str = "auto") -> list[list[str]]:
+    """k outputs per chat from one model through the inference engine: greedy when k == 1,
+    sampled otherwise (the engine's seeded sampler, so the k samples of a prompt differ)."""
+    from tqdm.auto import tqdm
 
-    from tunelab.data.templates import render
-    from tunelab.evals.generation import generate
-    from tunelab.models.build import load_for_eval
+    from tunelab.inference.engine import SamplingParams, load_engine
+    from tunelab.inference.prompts import prompt_ids
 
-    model, tokenizer = load_for_eval(model_name)
-    torch.manual_seed(seed)
-    prompts = [render(tokenizer, chat, add_generation_prompt=True) for chat in chats for _ in range(k)]
-    runner = model if k == 1 else _Sampling(model, temperature, top_p)
-    texts = generate(runner, tokenizer, prompts, max_new_tokens, batch_size, desc=f"generating with {model_name}")
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0 if k == 1 else temperature,
+                            top_p=1.0 if k == 1 else top_p)
+    engine = load_engine(model_name, backend, seed=seed)
+    try:
+        ids = [prompt_ids(engine.tokenizer, chat) for chat in chats for _ in range(k)]
+        with tqdm(total=len(ids), desc=f"generating with {model_name}", leave=False) as bar:
+            done = engine.generate(ids, params, progress=bar)
+    finally:
+        engine.close()
+    failed = next((c.error for c in done if c.error), None)
+    if failed:
+        raise TunelabError(f"--model {model_name}: generation failed: {failed}")
+    texts = [c.text.strip() for c in done]
     return [texts[i * k : (i + 1) * k] for i in range(len(chats))]
 
 
