@@ -89,15 +89,15 @@ def test_export_pairs_consensus_ties_and_agreement(tmp_path):
     _review(store, 1, {"m0": 1, "m1": 2, "m2": 3}, comment="<b>m1 vs m2</b> was close")
     _review(store, 2, {"m0": 1, "m1": 3, "m2": 2})
     # Mean ranks 1, 2.5, 2.5: m0 beats both; m1 vs m2 is a tie and skipped.
-    rows = pairs(load(store), "all")
+    rows, _ = pairs(load(store), "all")
     assert [(r["chosen"], r["rejected"]) for r in rows] == [("answer 0 to question 0", "answer 1 to question 0"),
                                                              ("answer 0 to question 0", "answer 2 to question 0")]
     # Rank sums 2, 5, 5 (mean 4): S = 6, W = 12 * 6 / (4 * 24) = 0.75.
     assert {r["agreement"] for r in rows} == {0.75} and {r["n_reviewers"] for r in rows} == {2}
     assert rows[0]["prompt"] == [{"role": "user", "content": "Question 0?"}]
-    assert len(pairs(load(store), "best-worst")) == 2  # the best against both tied worst
-    assert pairs(load(store), "all", min_reviewers=3) == []
-    n = export(store, tmp_path / "prefs.jsonl", "all")
+    assert len(pairs(load(store), "best-worst")[0]) == 2  # the best against both tied worst
+    assert pairs(load(store), "all", min_reviewers=3) == ([], 0)
+    n, _ = export(store, tmp_path / "prefs.jsonl", "all")
     lines = [json.loads(x) for x in (tmp_path / "prefs.jsonl").read_text().splitlines()]
     assert n == 2 and set(lines[0]) == {"id", "prompt", "chosen", "rejected", "agreement", "n_reviewers"}
     html, summary = write_report(store, tmp_path / "report")
@@ -109,8 +109,19 @@ def test_export_single_reviewer_and_all_tied(tmp_path):
     store, _ = make_project(f"sqlite:///{tmp_path / 'r.db'}", tmp_path, items=2, k=2, per_item=1, reviewers=1)
     _review(store, 1, {"m0": 2, "m1": 1})
     _review(store, 1, {"m0": 1, "m1": 1})
-    rows = pairs(load(store), "best-worst")
+    rows, _ = pairs(load(store), "best-worst")
     assert len(rows) == 1 and rows[0]["chosen"].startswith("answer 1") and rows[0]["agreement"] is None
+
+
+def test_export_skips_empty_and_identical_answers(tmp_path):
+    texts = {0: "same", 1: " same ", 2: ""}
+    store, _ = make_project(f"sqlite:///{tmp_path / 'r.db'}", tmp_path, items=1, k=4, per_item=1, reviewers=1,
+                            text=lambda i, j: texts.get(j, "a real answer"))
+    _review(store, 1, {"m0": 1, "m1": 2, "m2": 3, "m3": 4})
+    rows, skipped = pairs(load(store), "all")
+    # 6 ordered pairs: m0>m1 identical, m0>m2 and m1>m2 and m2>m3 have an empty side.
+    assert [(r["chosen"], r["rejected"]) for r in rows] == [("same", "a real answer"), (" same ", "a real answer")]
+    assert skipped == 4
 
 
 def test_report_weighted_scores_win_rates_and_outlier(tmp_path):

@@ -83,8 +83,9 @@ def _report(args) -> None:
 def _export(args) -> None:
     from tunelab.review.export import export
 
-    n = export(_store(args), Path(args.to), args.pairs, args.min_reviewers)
-    print(f"wrote {n} preference pairs to {args.to}")
+    n, skipped = export(_store(args), Path(args.to), args.pairs, args.min_reviewers)
+    print(f"wrote {n} preference pairs to {args.to}"
+          + (f" ({skipped} skipped: an empty answer, or both answers the same text)" if skipped else ""))
 
 
 def register(sub) -> None:

@@ -2,7 +2,8 @@
 
 Each rank item's rankings are merged into one consensus (mean rank over its reviewers); pairs
 are taken from it (`all`: every pair of outputs whose consensus ranks differ; `best-worst`:
-the best output(s) against the worst), ties skipped. Every row carries the item's agreement
+the best output(s) against the worst), ties skipped, and pairs with an empty answer or two
+identical answers skipped too. Every row carries the item's agreement
 (Kendall's W of its reviewers; null with one reviewer) and the number of reviewers, so a
 trainer can filter or weight by them. Row shape:
 {"id", "prompt": [{role, content}], "chosen", "rejected", "agreement", "n_reviewers"}.
@@ -23,10 +24,16 @@ from tunelab.review.store import Store
 PAIRS = ("all", "best-worst")
 
 
-def pairs(reviews: Reviews, mode: str = "all", min_reviewers: int = 1) -> list[dict]:
+def _usable(chosen: str, rejected: str) -> bool:
+    """An empty answer or two identical ones teach nothing (and preference trainers refuse them)."""
+    return bool(chosen.strip()) and bool(rejected.strip()) and chosen.strip() != rejected.strip()
+
+
+def pairs(reviews: Reviews, mode: str = "all", min_reviewers: int = 1) -> tuple[list[dict], int]:
+    """(preference rows, pairs skipped because an answer was empty or both were the same text)."""
     if mode not in PAIRS:
         raise TunelabError(f"--pairs {mode}: use one of {', '.join(PAIRS)}")
-    rows = []
+    rows, skipped = [], 0
     for item in (i for i in reviews.items.values() if i.kind == "rank"):
         _, ranks = reviews.rank_matrix(item)
         if len(ranks) < max(min_reviewers, 1):
@@ -40,7 +47,9 @@ def pairs(reviews: Reviews, mode: str = "all", min_reviewers: int = 1) -> list[d
             worst = [i for i, v in enumerate(mean) if v == mean.max()]
             chosen_rejected = [] if mean.min() == mean.max() else [(i, j) for i in best for j in worst]
         agreement = kendalls_w(ranks)
-        for n, (i, j) in enumerate(chosen_rejected):
+        usable = [(i, j) for i, j in chosen_rejected if _usable(item.outputs[i][2], item.outputs[j][2])]
+        skipped += len(chosen_rejected) - len(usable)
+        for n, (i, j) in enumerate(usable):
             rows.append({
                 "id": f"{item.external_id}-{n}",
                 "prompt": item.prompt,
@@ -49,7 +58,7 @@ def pairs(reviews: Reviews, mode: str = "all", min_reviewers: int = 1) -> list[d
                 "agreement": None if agreement is None else round(agreement, 4),
                 "n_reviewers": len(ranks),
             })
-    return rows
+    return rows, skipped
 
 
 def write_text(path: Path, text: str) -> Path:
@@ -62,8 +71,8 @@ def write_text(path: Path, text: str) -> Path:
     return path
 
 
-def export(store: Store, to: Path, mode: str = "all", min_reviewers: int = 1) -> int:
-    """Write the pairs as JSONL (atomically) and return how many."""
-    rows = pairs(load(store), mode, min_reviewers)
+def export(store: Store, to: Path, mode: str = "all", min_reviewers: int = 1) -> tuple[int, int]:
+    """Write the pairs as JSONL (atomically); returns (written, skipped)."""
+    rows, skipped = pairs(load(store), mode, min_reviewers)
     write_text(to, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    return len(rows)
+    return len(rows), skipped
