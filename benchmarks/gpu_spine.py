@@ -33,7 +33,7 @@ RUNS = {  # name → (shape, overrides)
     "smollm2_lora_padded": ("smollm2-135m", ["data.batching=padding", "data.max_length=1024", "train.batch_size=64",
                                              "train.max_steps=30"]),
     "llama2_7b_qlora_b4_s2048": ("llama2-7b", ["quantization.bits=4", "data.max_length=2048", "train.batch_size=4",
-                                               "train.gradient_checkpointing=true", "train.max_steps=12",
+                                               "train.gradient_checkpointing=true", "train.max_steps=40",
                                                "train.optim=paged_adamw_8bit"]),
     "llama2_7b_lora_b4_s2048": ("llama2-7b", ["data.max_length=2048", "train.batch_size=4",
                                               "train.gradient_checkpointing=true", "train.max_steps=12"]),

@@ -30,11 +30,14 @@ def embedded_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tokenizer(embedded_dir):
+def tokenizer(request):
+    """The embedded model's tokenizer; `TUNELAB_TEST_TOKENIZER=DIR` takes it from a folder instead
+    (the GPU machines have no embedded GGUF)."""
     from tunelab.models.build import load_tokenizer
     from tunelab.models.loading import ModelSource
 
-    return load_tokenizer(ModelSource(str(embedded_dir)))
+    folder = os.environ.get("TUNELAB_TEST_TOKENIZER") or request.getfixturevalue("embedded_dir")
+    return load_tokenizer(ModelSource(str(folder)))
 
 
 def make_tiny_model(tokenizer, seed: int = 0, layers: int = 2, attn: str = "sdpa"):
@@ -64,7 +67,7 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
 @pytest.fixture(scope="session")
 def task_dir(tmp_path_factory) -> Path:
     """The quickstart's generated meetup-chat task (train/validation jsonl of `messages`)."""
-    from tunelab.stages.quickstart import write_task
+    from tunelab.data.synthetic import write_task
 
     folder = tmp_path_factory.mktemp("meetup")
     write_task(folder, seed=0)

@@ -72,3 +72,17 @@ def test_every_shipped_recipe_validates_and_names_its_command(recipe):
     assert first.startswith("# tunelab "), "each recipe opens with the command that runs it"
     cfg = load_config(recipe, ["data.source=somewhere"])
     assert isinstance(cfg, Config)
+
+
+def test_mid_run_generation_and_selection_checks():
+    base = ["data.adapter=samsum", "data.source=x"]
+    with pytest.raises(TunelabError, match="train.eval_generation: needs train.eval_every"):
+        load_config(None, [*base, "train.eval_generation={task: rouge_l}"])
+    with pytest.raises(TunelabError, match="not a multiple of train.eval_every=4"):
+        load_config(None, [*base, "train.eval_every=4", "train.eval_generation={every: 6}"])
+    with pytest.raises(TunelabError, match="train.select_on: `generation` needs train.eval_generation"):
+        load_config(None, [*base, "train.eval_every=4", "train.select_on=generation"])
+    with pytest.raises(TunelabError, match="save_every .* must be a multiple"):
+        load_config(None, [*base, "train.eval_every=4", "train.save_every=6", "train.load_best=true"])
+    cfg = load_config(None, [*base, "train.eval_every=4", "train.eval_generation={task: rouge, every: 8}"])
+    assert cfg.train.eval_generation.key == "rouge_l"

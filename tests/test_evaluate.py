@@ -12,10 +12,10 @@ import torch
 
 from tests.conftest import make_tiny_model, shared_data
 from tunelab.config import load_config
+from tunelab.data.synthetic import write_task
 from tunelab.errors import TunelabError
 from tunelab.evals.tasks import Rows, perplexity
 from tunelab.stages import evaluate, sft
-from tunelab.stages.quickstart import write_task
 
 HOSTILE = "<script>alert('x')</script> & \"quotes\""
 
@@ -82,7 +82,7 @@ def hostile_task(tmp_path_factory) -> Path:
 def run_eval(lora_run, hostile_task):
     results = evaluate.run(
         str(lora_run), ["perplexity", "rouge", "exact_match", "bleu", str(hostile_task)],
-        limit=5, max_new_tokens=8, batch_size=4,
+        limit=5, max_new_tokens=8, batch_size=4, export_manual=3,
     )
     return results, Path(results["output"])
 
@@ -90,7 +90,8 @@ def run_eval(lora_run, hostile_task):
 def test_run_folder_eval_writes_results_against_its_base_model(run_eval, lora_run, tiny_model_dir):
     results, out = run_eval
     assert out.parent == lora_run / "eval"
-    assert {p.name for p in out.iterdir()} == {"results.json", "predictions.jsonl", "comparison.png", "report.html"}
+    assert {p.name for p in out.iterdir()} == {"results.json", "predictions.jsonl", "comparison.png", "report.html",
+                                               "manual.jsonl"}
     saved = json.loads((out / "results.json").read_text())
     assert saved["target"] == str(lora_run)
     assert saved["baseline"]["model"] == str(tiny_model_dir)  # the run's model.name
@@ -116,6 +117,26 @@ def test_run_folder_eval_writes_results_against_its_base_model(run_eval, lora_ru
     table = evaluate.format_results(results)
     assert [c.strip() for c in table.splitlines()[0].split("|")] == ["task", "metric", "target", "baseline", "delta"]
     assert re.search(r"^perplexity \(n=5\) +\| perplexity +\| ", table, re.M)
+
+
+def test_export_manual_sets_aside_prompts_with_both_models_outputs(run_eval, lora_run, tiny_model_dir):
+    results, out = run_eval
+    manual = [json.loads(line) for line in (out / "manual.jsonl").read_text().splitlines()]
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    rouge = {m: [p for p in predictions if p["task"] == "rouge" and p["model"] == m] for m in ("target", "baseline")}
+    assert len(manual) == 3 and results["manual"] == str(out / "manual.jsonl")
+    for i, row in enumerate(manual):
+        assert row["id"] == f"rouge-{i}" and row["messages"][-1]["role"] == "user"
+        assert row["reference"] == rouge["target"][i]["reference"]
+        assert row["outputs"] == [{"model": str(lora_run), "text": rouge["target"][i]["prediction"]},
+                                  {"model": str(tiny_model_dir), "text": rouge["baseline"][i]["prediction"]}]
+
+
+def test_export_manual_needs_a_generation_task(tmp_path):
+    write_task(tmp_path, seed=0)
+    with pytest.raises(TunelabError, match="--export-manual: needs a generation task"):  # before any model loads
+        evaluate.run("embedded", ["perplexity"], dataset=str(tmp_path), adapter="custom",
+                     fields={"messages": "messages"}, export_manual=2)
 
 
 def test_rouge_in_results_equals_rouge_score_on_saved_predictions(tmp_path):

@@ -11,6 +11,7 @@ from tests.conftest import make_tiny_model
 from tunelab.config import load_config
 from tunelab.errors import TunelabError
 from tunelab.stages import sft
+from tunelab.tracking.metrics import read_jsonl
 
 RUN_FILES = {"config.yaml", "metrics.jsonl", "summary.json", "report.html", "samples.jsonl", "plots", "checkpoints"}
 
@@ -145,3 +146,34 @@ def test_early_stopping_stops_when_validation_loss_stalls(tmp_path, tiny_model_d
 def test_8bit_lora_trains_on_cpu(tmp_path, tiny_model_dir, task_dir):
     s = sft.run(_cfg(tmp_path, tiny_model_dir, task_dir, "quantization.bits=8", "train.max_steps=2")).summary
     assert s["method"] == "lora-8bit" and s["train"]["steps"] == 2
+
+
+def test_generation_metric_is_scored_mid_run_and_picks_the_best_checkpoint(tmp_path, tiny_model_dir, task_dir, monkeypatch):
+    from tunelab.evals import generation
+
+    # Real generation first: the metric is logged at the validations `every` asks for, and only there.
+    sft.run(_cfg(tmp_path / "a", tiny_model_dir, task_dir, "train.eval_every=2",
+                 "train.eval_generation={task: rouge, every: 4, samples: 2}"))
+    logged = read_jsonl(tmp_path / "a/run/metrics.jsonl")
+    scored = [r["step"] for r in logged if "eval_rouge_l" in r]
+    assert scored == [4] and all(0 <= r["eval_rouge_l"] <= 1 for r in logged if "eval_rouge_l" in r)
+    assert "eval_rouge1" in next(r for r in logged if r["step"] == 4 and "eval_rouge_l" in r)
+
+    # Then selection: scores that peak at step 4 while the loss keeps falling; the run keeps step 4.
+    peaks = {2: 0.2, 4: 0.9, 6: 0.1}
+    seen = []
+
+    def scripted(model, tokenizer, examples, n, metrics, *args, desc):
+        if "step" not in desc:  # the after-training evaluation
+            return {}, []
+        step = int(desc.split()[-1].rstrip(")"))
+        seen.append(step)
+        return {"exact_match": peaks[step]}, []
+
+    monkeypatch.setattr(generation, "generation_eval", scripted)
+    s = sft.run(_cfg(tmp_path / "b", tiny_model_dir, task_dir, "train.eval_every=2", "eval.before=false",
+                     "eval.generation_samples=0", "train.eval_generation={task: exact_match}",
+                     "train.select_on=generation", "train.load_best=true")).summary
+    assert seen == [2, 4, 6]
+    assert s["train"]["best_checkpoint"].endswith("checkpoint-4")
+

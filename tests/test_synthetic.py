@@ -153,3 +153,19 @@ def test_variety(examples):
 )
 def test_parse_fields(text, expected):
     assert parse_fields(text) == expected
+
+
+def test_synthetic_source_is_generated_once_into_the_cache(tmp_path, monkeypatch):
+    from tunelab.data.synthetic import VALIDATION_ROWS, local_source
+    from tunelab.errors import TunelabError
+
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path))
+    folder = local_source("synthetic:meetup")
+    assert folder == str(tmp_path / "synthetic" / "meetup")
+    validation = tmp_path / "synthetic" / "meetup" / "validation.jsonl"
+    assert len(validation.read_text().splitlines()) == VALIDATION_ROWS
+    stamp = validation.stat().st_mtime_ns
+    assert local_source("synthetic:meetup") == folder and validation.stat().st_mtime_ns == stamp
+    assert local_source("data/samsum") == "data/samsum"
+    with pytest.raises(TunelabError, match="unknown synthetic task 'nope'; choose one of synthetic:meetup"):
+        local_source("synthetic:nope")

@@ -45,11 +45,13 @@ def _eval(args) -> None:
         args.target, [t for t in args.tasks.split(",") if t], baseline=baseline, limit=args.limit,
         output=Path(args.output) if args.output else None, data_dir=Path(args.data_dir) if args.data_dir else None,
         split=args.split, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-        dataset=args.dataset, adapter=args.adapter,
+        dataset=args.dataset, adapter=args.adapter, export_manual=args.export_manual,
     )
     print()
     print(evaluate.format_results(results))
     print(f"\nresults: {results['output']}")
+    if "manual" in results:
+        print(f"prompts for human review: {results['manual']}  (tunelab review add-task --import FILE)")
 
 
 def _kfold(args) -> None:
@@ -91,6 +93,8 @@ def _print_result(result) -> None:
     ev = result.summary["eval"]
     print()
     print(format_before_after(ev.get("before") or {}, ev.get("after") or {}))
+    for warning in result.summary.get("warnings", []):
+        print(f"warning: {warning}")
     print(f"\nrun folder: {result.run_dir}  (report: {result.run_dir / 'report.html'})")
 
 
@@ -147,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--adapter", help="dataset adapter for --dataset (samsum, alpaca, ...)")
             p.add_argument("--max-new-tokens", type=int, default=128, help="generation length limit")
             p.add_argument("--batch-size", type=int, default=8, help="evaluation batch size")
+            p.add_argument("--export-manual", type=int, metavar="N",
+                           help="write N held-out prompts with the target's and baseline's outputs to manual.jsonl "
+                                "(the review app imports it)")
         elif name == "kfold":
             p.add_argument("recipe", help="recipe YAML; a `sweep:` section in it is cross-validated point by point")
             p.add_argument("--folds", type=int, default=5, help="number of folds (K)")

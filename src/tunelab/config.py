@@ -113,6 +113,20 @@ class EarlyStoppingConfig(_Section):
     """Minimum decrease of validation loss that counts as an improvement."""
 
 
+class EvalGenerationConfig(_Section):
+    task: Literal["rouge_l", "rouge", "exact_match", "field_accuracy"] = "rouge_l"
+    """Metric on greedy generations during training (`rouge` logs all ROUGE parts, selects on ROUGE-L)."""
+    every: int | None = Field(None, ge=1)
+    """Steps between generation evaluations: a multiple of train.eval_every (null = at every validation)."""
+    samples: int = Field(16, ge=1)
+    """Validation rows generated each time (the same first N rows every time)."""
+
+    @property
+    def key(self) -> str:
+        """The metrics key the task is logged and selected under (without the `eval_` prefix)."""
+        return "rouge_l" if self.task == "rouge" else self.task
+
+
 class TrainConfig(_Section):
     epochs: float = Field(1.0, gt=0)
     """Passes over the training data (ignored when max_steps is set)."""
@@ -138,6 +152,9 @@ class TrainConfig(_Section):
     """Mixed precision; `auto` = bf16 where the GPU supports it, else fp32."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
+    kernels: Literal["auto", "off"] = "auto"
+    """`auto`: on CUDA, Llama-architecture models train with fused kernels (varlen attention for packed
+    rows, liger's fused cross-entropy/RMSNorm/SwiGLU/RoPE where installed); `off`: stock transformers."""
     logging_steps: int = Field(1, ge=1)
     """Log train loss every N steps."""
     eval_every: int | None = Field(None, ge=1)
@@ -146,8 +163,15 @@ class TrainConfig(_Section):
     """Checkpoint every N steps (null = at eval steps, or at the end)."""
     save_total_limit: int | None = Field(2, ge=1)
     """Keep at most this many checkpoints."""
+    eval_generation: EvalGenerationConfig | None = None
+    """Also score generations during training, e.g. {task: rouge_l, every: 50, samples: 32} (needs eval_every)."""
+    select_on: Literal["loss", "generation"] = "loss"
+    """What early stopping and the best checkpoint follow: validation loss (lower is better) or the
+    eval_generation metric (higher is better)."""
+    load_best: bool = False
+    """Restore the best checkpoint (by select_on) at the end; always on with early_stopping."""
     early_stopping: EarlyStoppingConfig | None = None
-    """Stop when validation loss stops improving (needs eval_every)."""
+    """Stop when the select_on metric stops improving (needs eval_every)."""
     resume: bool = False
     """Continue from the last checkpoint in the run folder (the CLI's --resume)."""
 
@@ -242,8 +266,7 @@ class Config(_Section):
                 "quantization.bits: a quantized base cannot be fully fine-tuned; use peft.method=lora (QLoRA) "
                 "or set quantization.bits=null"
             )
-        if self.train.early_stopping and not self.train.eval_every:
-            problems.append("train.early_stopping: needs train.eval_every (validation every N steps)")
+        problems += _selection_problems(self.train)
         problems += _distributed_problems(self.distributed, self.quantization)
         if (self.data.folds is None) != (self.data.fold is None):
             problems.append("data.fold: data.folds and data.fold are set together (or neither)")
@@ -264,6 +287,28 @@ class Config(_Section):
         if self.quantization.bits == 8:
             return f"{self.peft.method}-8bit"
         return self.peft.method
+
+
+def _selection_problems(t: TrainConfig) -> list[str]:
+    """Mid-run evaluation settings that only work together (transformers would fail later, deep inside)."""
+    problems = []
+    for name, on in (("early_stopping", t.early_stopping), ("eval_generation", t.eval_generation),
+                     ("load_best", t.load_best)):
+        if on and not t.eval_every:
+            problems.append(f"train.{name}: needs train.eval_every (validation every N steps)")
+    gen = t.eval_generation
+    if t.eval_every and gen and gen.every and gen.every % t.eval_every:
+        problems.append(f"train.eval_generation.every: {gen.every} is not a multiple of train.eval_every={t.eval_every}")
+    if t.select_on == "generation" and not gen:
+        problems.append("train.select_on: `generation` needs train.eval_generation (e.g. {task: rouge_l})")
+    elif t.select_on == "generation" and gen.every not in (None, t.eval_every):
+        problems.append("train.select_on: selecting on generation needs a generation score at every validation; "
+                        "leave train.eval_generation.every unset")
+    selects = t.load_best or t.early_stopping
+    if selects and t.eval_every and t.save_every and t.save_every % t.eval_every:
+        problems.append(f"train.save_every: the best checkpoint is chosen at validations, so save_every "
+                        f"({t.save_every}) must be a multiple of train.eval_every ({t.eval_every})")
+    return problems
 
 
 def _distributed_problems(d: DistributedConfig, q: QuantizationConfig) -> list[str]:

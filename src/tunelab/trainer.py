@@ -2,6 +2,8 @@
 
 - `evaluate` reports token-weighted validation loss and perplexity (the stock loop averages
   per-batch means), so early stopping and best-checkpoint selection use the number we report.
+- mid-run validations can also score greedy generations (`train.eval_generation`), so early
+  stopping and the best checkpoint can follow a task metric instead of the loss.
 - `training_step` stops on a non-finite loss *before* the optimizer applies it, naming the
   step, so the last checkpoint stays good.
 """
@@ -22,6 +24,12 @@ from tunelab.models.build import has_cuda
 
 
 class TunelabTrainer(Trainer):
+    def __init__(self, *args, generation=None, **kwargs):
+        """generation: (train.eval_generation, validation examples, eval settings) to also score
+        generations at mid-run validations, or None."""
+        super().__init__(*args, **kwargs)
+        self.generation = generation
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
         start = time.time()
         total, count = loss_sums(self.model, eval_loader(self, eval_dataset))
@@ -30,11 +38,26 @@ class TunelabTrainer(Trainer):
             f"{metric_key_prefix}_loss": result["loss"],
             f"{metric_key_prefix}_perplexity": result["perplexity"],
             f"{metric_key_prefix}_tokens": result["tokens"],
-            f"{metric_key_prefix}_runtime": round(time.time() - start, 3),
         }
+        if self.is_in_train and self.generation:
+            metrics.update({f"{metric_key_prefix}_{k}": v for k, v in self.generation_scores().items()})
+        metrics[f"{metric_key_prefix}_runtime"] = round(time.time() - start, 3)
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
+
+    def generation_scores(self) -> dict:
+        """The eval_generation metric on the first N validation rows, when this step is due."""
+        from tunelab.evals.generation import generation_eval
+
+        gen, examples, eval_cfg = self.generation
+        if self.state.global_step % (gen.every or 1):
+            return {}
+        scores, _ = generation_eval(
+            self.model, self.processing_class, examples, gen.samples, [gen.task], eval_cfg.max_new_tokens,
+            eval_cfg.batch_size, desc=f"generating (step {self.state.global_step})",
+        )
+        return scores
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -47,9 +70,15 @@ class TunelabTrainer(Trainer):
         return loss
 
 
+def selection_metric(t) -> str:
+    """The logged key that early stopping and the best checkpoint follow."""
+    return f"eval_{t.eval_generation.key}" if t.select_on == "generation" else "eval_loss"
+
+
 def training_arguments(cfg: Config, checkpoints: str, report_to: list[str]) -> TrainingArguments:
     t = cfg.train
     save_every = t.save_every or t.eval_every
+    selects = t.load_best or t.early_stopping is not None
     cuda = has_cuda()
     bf16 = cuda and t.precision in ("auto", "bf16") and torch.cuda.is_bf16_supported()
     return TrainingArguments(
@@ -76,9 +105,9 @@ def training_arguments(cfg: Config, checkpoints: str, report_to: list[str]) -> T
         save_strategy="steps" if save_every else "no",
         save_steps=save_every,
         save_total_limit=t.save_total_limit,
-        load_best_model_at_end=t.early_stopping is not None,
-        metric_for_best_model="eval_loss" if t.early_stopping else None,
-        greater_is_better=False if t.early_stopping else None,
+        load_best_model_at_end=selects,
+        metric_for_best_model=selection_metric(t) if selects else None,
+        greater_is_better=t.select_on == "generation" if selects else None,
         train_sampling_strategy="group_by_length" if cfg.data.batching == "padding" else "random",
         length_column_name="length",
         report_to=report_to,

@@ -21,6 +21,7 @@ import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tunelab.data import synthetic
 from tunelab.data.adapters import Adapter
 from tunelab.errors import TunelabError
 
@@ -307,6 +308,7 @@ def load_examples(
     if bad_rows not in ("error", "skip"):
         raise TunelabError(f"data.bad_rows: '{bad_rows}' is not one of error, skip")
     found = _Problems()
+    source = synthetic.local_source(source)
     splits = find_splits(source)
     if splits is not None:
         scans = {split: _scan(_local_rows(files), adapter, found) for split, files in splits.items()}

@@ -21,11 +21,21 @@ so the task is extraction plus format, small enough to learn in a few dozen LoRA
 
 from __future__ import annotations
 
+import json
 import random
 import re
+from pathlib import Path
+
+from tunelab.errors import TunelabError
 
 # Names the four fields but not the exact format: the base model gets the format wrong.
 INSTRUCTION = "Summarize the plan agreed in this chat in one line: who, what, when and where."
+
+SOURCE_PREFIX = "synthetic:"
+"""`data.source=synthetic:meetup` names this generated task, so recipes can use it like any dataset."""
+TASKS = ("meetup",)
+TRAIN_ROWS = 240
+VALIDATION_ROWS = 24
 
 MIN_TURNS = 4
 MAX_TURNS = 9
@@ -139,6 +149,32 @@ _P_MERGE_ACK = 0.6  # "Sounds good. Let's meet at X." keeps chats short
 _TOPIC_FIELDS = {"what": ("what",), "when": ("day", "time"), "where": ("place",)}
 _POOLS = {"what": ACTIVITIES, "day": DAYS, "time": TIMES, "place": PLACES}
 _FIELD_RE = re.compile(r"\s*([A-Za-z_]+)\s*:(.*)", re.DOTALL)
+
+
+def local_source(source: str) -> str:
+    """`synthetic:<task>` → the folder its train/validation files are generated into (once, in
+    tunelab's cache); any other source unchanged."""
+    if not source.startswith(SOURCE_PREFIX):
+        return source
+    from tunelab.models.loading import cache_root
+
+    task = source.removeprefix(SOURCE_PREFIX)
+    if task not in TASKS:
+        raise TunelabError(f"data.source: unknown synthetic task '{task}'; choose one of "
+                           f"{', '.join(SOURCE_PREFIX + t for t in TASKS)}")
+    folder = cache_root() / "synthetic" / task
+    if not (folder / "validation.jsonl").is_file():
+        write_task(folder, seed=0)
+    return str(folder)
+
+
+def write_task(folder: Path, seed: int) -> None:
+    """train.jsonl / validation.jsonl of chat examples, disjoint by construction (one seeded stream).
+    The validation file is written last, so its presence means the task is complete."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = make_meetup_task(TRAIN_ROWS + VALIDATION_ROWS, seed)
+    for name, part in (("train", rows[:TRAIN_ROWS]), ("validation", rows[TRAIN_ROWS:])):
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
 
 
 def make_meetup_task(n: int, seed: int) -> list[dict]:

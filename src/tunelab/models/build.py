@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from tunelab import kernels
 from tunelab.config import Config, PeftConfig, QuantizationConfig
 from tunelab.distributed import fsdp_enabled
 from tunelab.errors import TunelabError
@@ -157,6 +158,7 @@ def load_for_training(cfg: Config):
     source = resolve(cfg.model.name)
     tokenizer = load_tokenizer(source)
     model = load_model(cfg, tokenizer, source)
+    kernels.apply(model, cfg.train.kernels)
     model = apply_peft(model, cfg.peft, bool(cfg.quantization.bits), cfg.train.gradient_checkpointing)
     return model, tokenizer
 

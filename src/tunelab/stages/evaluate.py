@@ -36,18 +36,22 @@ def run(
     dataset: str | None = None,
     adapter: str | None = None,
     fields: dict[str, str] | None = None,
+    export_manual: int | None = None,
 ) -> dict:
     """Evaluate `target` (and the baseline) on `tasks`; returns the results.json content.
 
     baseline: None = the run's base model when `target` is a run folder, else none; "none" = none.
     dataset/adapter/fields/split: where perplexity and generation tasks take rows from (default:
     the run's test split, else its validation rows). limit: rows per task (the first N).
+    export_manual: also write the first N prompts of the first generation task, with the target's
+    and the baseline's outputs, to manual.jsonl for human review (`tunelab review add-task --import`).
     """
     start = time.time()
     run_dir = run_folder(target)
     out = output_dir(output, run_dir)
     planned = plan(tasks, run_dir, dataset=dataset, adapter=adapter, fields=fields, split=split, limit=limit)
     data = data_origins(planned, data_dir)
+    manual_task = manual_source(planned) if export_manual else None
     baseline = base_model(run_dir) if baseline is None else None if baseline.lower() == "none" else baseline
 
     evaluate_one = functools.partial(evaluate_model, planned=planned, limit=limit, data_dir=data_dir,
@@ -61,6 +65,9 @@ def run(
     results["runtime_s"] = time.time() - start
     results["output"] = str(out)
     write_outputs(out, results, predictions)
+    if manual_task is not None:
+        results["manual"] = str(write_manual(out / "manual.jsonl", manual_task, predictions, export_manual,
+                                             {"target": target, "baseline": baseline}))
     return results
 
 
@@ -173,6 +180,37 @@ def evaluate_model(name: str, label: str, *, planned: list[DatasetTask | str], l
         predictions += rows
     ordered = {task_key(task): metrics[task_key(task)] for task in planned}
     return ordered, [{"task": row["task"], "model": label, **row} for row in predictions]
+
+
+def manual_source(planned: list[DatasetTask | str]) -> DatasetTask:
+    """The task whose prompts --export-manual sets aside: the first one that generates."""
+    for task in planned:
+        if isinstance(task, DatasetTask) and any(m != "perplexity" for m in task.metrics):
+            return task
+    raise TunelabError("--export-manual: needs a generation task in --tasks (rouge, exact_match, bleu, "
+                       "or a task YAML with generation metrics) to take prompts and outputs from")
+
+
+def write_manual(path: Path, task: DatasetTask, predictions: list[dict], n: int, models: dict[str, str | None]) -> Path:
+    """Held-out prompts with every evaluated model's output, one JSON row each:
+    {id, messages (the prompt turns), reference, outputs: [{model, text}]} — the review app's import format."""
+    from tunelab.tracking.metrics import atomic_write_text
+
+    outputs = {label: [row["prediction"] for row in predictions if row["task"] == task.name and row["model"] == label]
+               for label, name in models.items() if name is not None}
+    rows = []
+    for i, messages in enumerate(task.rows.examples[:n]):
+        rows.append({
+            "id": f"{task.name}-{i}",
+            "messages": messages[:-1],
+            "reference": messages[-1]["content"],
+            "outputs": [{"model": models[label], "text": texts[i]} for label, texts in outputs.items()],
+        })
+    if len(rows) < n:
+        log.warning("--export-manual %d: the task has only %d rows; exported all of them", n, len(rows))
+    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    log.info("%d prompts for human review written to %s", len(rows), path)
+    return path
 
 
 def write_outputs(out: Path, results: dict, predictions: list[dict]) -> None:

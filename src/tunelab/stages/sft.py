@@ -98,6 +98,7 @@ def build_trainer(cfg: Config, model, tokenizer, data, run_dir: Path, resume_ste
     trainer = TunelabTrainer(
         model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
         data_collator=collator, processing_class=tokenizer, callbacks=callbacks,
+        generation=(cfg.train.eval_generation, data.eval_examples, cfg.eval) if cfg.train.eval_generation else None,
     )
     return trainer, collator
 
@@ -187,11 +188,22 @@ def run(cfg: Config) -> RunResult:
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         },
         "eval": {"before": before, "after": after},
+        "warnings": run_warnings(records := read_jsonl(run_dir / "metrics.jsonl")),
     }
     write_json(run_dir / "summary.json", summary)
-    plot_metrics(read_jsonl(run_dir / "metrics.jsonl"), run_dir / "plots")
+    plot_metrics(records, run_dir / "plots")
     write_report(run_dir)
     return RunResult(run_dir, summary)
+
+
+def run_warnings(records: list[dict]) -> list[str]:
+    """What the user should know about how training went (shown by the CLI and in the report)."""
+    from tunelab.tracking.diagnostics import describe, overfitting
+
+    flag = overfitting(records)
+    if flag:
+        log.warning(describe(flag))
+    return [describe(flag)] if flag else []
 
 
 def last_train_loss(metrics_file: Path) -> float | None:

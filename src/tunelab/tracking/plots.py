@@ -17,6 +17,8 @@ from matplotlib.figure import Figure
 # (records key, legend label, line style)
 _LOSS_SERIES = (("loss", "train", "-"), ("eval_loss", "validation", "o-"))
 _PPL_SERIES = (("train_perplexity", "train", "-"), ("perplexity", "validation", "o-"))
+# Generation metrics that train.eval_generation may log at mid-run validations.
+_GENERATION_SERIES = tuple((f"eval_{m}", m, "o-") for m in ("rouge_l", "rouge1", "rouge2", "exact_match", "field_accuracy"))
 # Above this max/min ratio a linear axis flattens the interesting end of the curve.
 _LOG_SCALE_RATIO = 20.0
 
@@ -56,7 +58,7 @@ def _plot(records: list[dict], series, title: str, ylabel: str, path: Path) -> P
 
 
 def plot_metrics(records: list[dict], out_dir: str | os.PathLike) -> list[Path]:
-    """Write loss.png and perplexity.png into `out_dir`; a plot with no points is skipped.
+    """Write loss.png, perplexity.png and generation.png into `out_dir`; a plot with no points is skipped.
 
     Returns the paths written.
     """
@@ -65,15 +67,9 @@ def plot_metrics(records: list[dict], out_dir: str | os.PathLike) -> list[Path]:
     written = [
         _plot(records, _LOSS_SERIES, "Loss", "cross-entropy loss", out_dir / "loss.png"),
         _plot(records, _PPL_SERIES, "Perplexity", "perplexity", out_dir / "perplexity.png"),
+        _plot(records, _GENERATION_SERIES, "Generation metrics (validation)", "score", out_dir / "generation.png"),
     ]
     return [p for p in written if p is not None]
-
-
-def plot_curves(records: list[dict], keys: dict[str, str], title: str, path: str | os.PathLike) -> Path | None:
-    """One figure of the given metrics.jsonl keys (key → legend label), such as a preference stage's
-    reward and accuracy; validation keys (`eval_*`) are drawn with dots. None when no key has points."""
-    series = tuple((key, label, "o-" if key.startswith("eval_") else "-") for key, label in keys.items())
-    return _plot(records, series, title, title.lower(), Path(path))
 
 
 def _finite(v) -> bool:
@@ -116,3 +112,10 @@ def plot_comparison(results: dict, path: str | os.PathLike) -> Path | None:
     fig.tight_layout()
     fig.savefig(path)
     return Path(path)
+
+
+def plot_curves(records: list[dict], keys: dict[str, str], title: str, path: str | os.PathLike) -> Path | None:
+    """One figure of the given metrics.jsonl keys (key → legend label), such as a preference stage's
+    reward and accuracy; validation keys (`eval_*`) are drawn with dots. None when no key has points."""
+    series = tuple((key, label, "o-" if key.startswith("eval_") else "-") for key, label in keys.items())
+    return _plot(records, series, title, title.lower(), Path(path))

@@ -24,6 +24,7 @@ _NA = '<p class="na">not available</p>'
 _LOWER_IS_BETTER = ("loss", "perplexity")
 
 _CSS = """
+.warn { background: #fff4e5; border-left: 4px solid #e08a00; padding: .5em .8em; }
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto;
        max-width: 72rem; padding: 0 1rem; color: #222; line-height: 1.4; }
 h1 { margin-bottom: .2rem; } h2 { border-bottom: 1px solid #ddd; padding-bottom: .2rem; }
@@ -197,7 +198,9 @@ def write_report(run_dir: str | os.PathLike) -> Path:
         f"{label}: <b>{escape(fmt_value(summary.get(key)))}</b>"
         for label, key in (("model", "model"), ("method", "method"))
     )
+    warnings = "".join(f'<p class="warn">{escape(w)}</p>' for w in summary.get("warnings", []))
     sections = [
+        warnings,
         _section("Data", _kv_table(summary.get("data"))),
         _section("Training", _kv_table(summary.get("train"))),
         _section("Before / after fine-tuning", _before_after_html(summary.get("eval"))),

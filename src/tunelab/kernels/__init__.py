@@ -1,0 +1,47 @@
+"""The fast training path on CUDA, and the only place that patches model internals.
+
+- `varlen`: attention for packed rows through torch's variable-length flash kernel (ours);
+- `liger`: fused linear cross-entropy, RMSNorm, SwiGLU and RoPE from liger-kernel.
+
+`train.kernels: auto` turns on what this machine can run for Llama-architecture models on
+CUDA and says in one line what it did; `off`, the CPU, or another architecture leave the model
+exactly as transformers built it. Each kernel has a reference the tests compare it with.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from tunelab.kernels import liger, varlen
+
+log = logging.getLogger(__name__)
+
+SUPPORTED = tuple(liger.ENTRY_POINTS)
+
+
+def apply(model, mode: str) -> list[str]:
+    """Switch `model` (a transformers model, before PEFT wraps it) to the fast path; returns what is on."""
+    if mode == "off":
+        return []
+    import torch
+
+    if not torch.cuda.is_available():
+        log.info("train.kernels=auto: no CUDA here; training with the stock transformers modules")
+        return []
+    model_type = model.config.model_type
+    if model_type not in SUPPORTED:
+        log.warning("train.kernels=auto: no fused kernels for model_type '%s' (have: %s); using the stock modules",
+                    model_type, ", ".join(SUPPORTED))
+        return []
+    enabled = []
+    if model.config._attn_implementation == "sdpa" and varlen.available():
+        varlen.register()
+        model.set_attn_implementation(varlen.NAME)
+        enabled.append("varlen_attention")
+    if liger.available():
+        enabled += liger.apply(model)
+    else:
+        log.warning("train.kernels=auto: liger-kernel is not installed (pip install 'tunelab[gpu]'); "
+                    "no fused norm/MLP/cross-entropy kernels")
+    log.info("train.kernels=auto: %s", ", ".join(enabled) or "nothing applicable")
+    return enabled
