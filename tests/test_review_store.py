@@ -153,8 +153,12 @@ def test_a_failure_mid_submission_saves_nothing(tmp_path, monkeypatch):
 
 
 def test_uninitialised_database_says_how_to_fix(tmp_path):
-    with pytest.raises(TunelabError, match="run `tunelab review init"):
+    with pytest.raises(TunelabError, match="no such file; run `tunelab review init"):
         Store(str(tmp_path / "none.db")).check()
+    assert not (tmp_path / "none.db").exists()  # checking did not create it
+    (tmp_path / "empty.db").touch()
+    with pytest.raises(TunelabError, match="not a review project yet; run `tunelab review init"):
+        Store(str(tmp_path / "empty.db")).check()
 
 
 def test_sqlite_runs_in_wal_mode(tmp_path):

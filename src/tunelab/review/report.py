@@ -156,7 +156,7 @@ def summarise(reviews: Reviews) -> dict:
 
 def format_summary(summary: dict) -> str:
     lines = [f"progress: {summary['progress']['done']}/{summary['progress']['needed']} reviews "
-             f"on {summary['progress']['n_items']} items", "models:"]
+             f"on {summary['progress']['n_items']} items", "models:" if summary["models"] else "models: none reviewed yet"]
     for m, v in summary["models"].items():
         lines.append(f"  {m}: weighted rubric score {fmt(v['weighted_score'], '.1f')}/100, "
                      f"win rate {fmt(v['win_rate'])}, mean rank {fmt(v['mean_rank'], '.2f')}")

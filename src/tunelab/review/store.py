@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -180,6 +181,9 @@ class Store:
 
     def check(self) -> Store:
         """Fail with the fix when the database was never initialised."""
+        path = self.engine.url.database
+        if self.sqlite and path and path != ":memory:" and not os.path.exists(path):  # connecting would create it
+            raise TunelabError(f"--db {self.url}: no such file; run `tunelab review init --db {self.url}` first")
         try:
             ready = inspect(self.engine).has_table("items")
         except OperationalError as err:
