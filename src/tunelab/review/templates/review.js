@@ -1,5 +1,5 @@
-// Keyboard ranking: letters from best to worst; "=" ties the next letter with the previous one.
-// The keys only fill in the rank boxes, so the form works the same without this script.
+// Keyboard reviewing. The keys only fill in the form's own fields, so it works the same without this script.
+// Ranking: letters from best to worst; "=" ties the next letter with the previous one.
 (function () {
   const form = document.getElementById("review-form");
   if (!form || form.dataset.kind !== "rank") return;
@@ -53,4 +53,33 @@
   form.querySelectorAll("[data-pick]").forEach((b) => b.addEventListener("click", () => pick(b.dataset.pick)));
   selects.forEach((s) => s.addEventListener("change", () => { groups = []; show(); }));
   show();
+})();
+
+// Rubric: a digit scores the highlighted row (output x criterion) and moves to the next one;
+// arrow keys move, Enter submits.
+(function () {
+  const form = document.getElementById("review-form");
+  if (!form || form.dataset.kind !== "rubric") return;
+  const rows = Array.from(form.querySelectorAll(".score-row"));
+  let at = 0;
+
+  function move(to) {
+    at = Math.max(0, Math.min(rows.length - 1, to));
+    rows.forEach((r, i) => r.classList.toggle("current", i === at));
+    rows[at].scrollIntoView({ block: "nearest" });
+  }
+
+  document.addEventListener("keydown", (e) => {
+    if (["TEXTAREA", "INPUT", "SELECT"].includes(e.target.tagName) && e.target.type !== "radio") return;
+    if (e.ctrlKey || e.metaKey || e.altKey) return;
+    const radio = rows[at].querySelector(`input[type=radio][value="${e.key}"]`);
+    if (radio) { radio.checked = true; move(at + 1); }
+    else if (e.key === "ArrowDown" || e.key === "ArrowRight") move(at + 1);
+    else if (e.key === "ArrowUp" || e.key === "ArrowLeft" || e.key === "Backspace") move(at - 1);
+    else if (e.key === "Enter") form.requestSubmit();
+    else return;
+    e.preventDefault();
+  });
+  rows.forEach((r, i) => r.addEventListener("click", () => move(i)));
+  move(0);
 })();
