@@ -10,7 +10,8 @@ Each configuration runs in its own `torchrun` with one process per GPU, through 
 blocks `tunelab train` uses: model loading and quantization (`tunelab.models.build`), the packing
 collator, `training_arguments` (FSDP2 via transformers/accelerate when there are several
 processes) and TunelabTrainer. tokens/s counts the real tokens of all GPUs over the timed steps
-(after the warm-up steps); peak memory is the largest `max_memory_allocated` over the GPUs.
+(after the warm-up steps); peak memory is the largest `max_memory_allocated` over the GPUs
+during those steps.
 Scaling efficiency = tokens/s on N GPUs / (N x tokens/s on 1 GPU), per method.
 """
 
@@ -20,6 +21,7 @@ import argparse
 import datetime
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -153,27 +155,62 @@ def worker(name: str, model_dir: str, lengths: list[int], steps: int, warmup: in
         }))
 
 
+def _run(cmd: list[str], timeout: float) -> tuple[int | None, str]:
+    """(exit code, output) of cmd; on timeout the whole process group is killed (exit code None)."""
+    # its own session, so that a timeout ends torchrun's workers too (they would keep the GPUs)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={"NCCL_NVLS_ENABLE": "0", **os.environ, "TQDM_DISABLE": "1"},  # NVLS off on shared hosts
+                            start_new_session=True)
+    try:
+        output = proc.communicate(timeout=timeout)[0]
+        return proc.returncode, output
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        return None, f"timed out after {timeout:.0f} s\n" + proc.communicate()[0]
+
+
 def run_config(name: str, args, model_dir: Path, timeout: float) -> dict:
     gpus = CONFIGS[name][2]
+    start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "row.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}", __file__,
-               "--one", name, "--model-dir", str(model_dir), "--lengths", str(args.lengths), "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--result", str(result)] + (["--dry-run"] if args.dry_run else [])
-        start = time.time()
-        # its own session, so that a timeout ends torchrun's workers too (they would keep the GPUs)
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env={"NCCL_NVLS_ENABLE": "0", **os.environ, "TQDM_DISABLE": "1"},  # NVLS off on shared hosts
-                                start_new_session=True)
-        try:
-            output, _ = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            output = f"timed out after {timeout} s\n" + proc.communicate()[0]
-        if proc.returncode == 0 and result.exists():
-            row = json.loads(result.read_text())
-        else:
-            row = {"config": name, "gpus": gpus, "error": output[-3000:]}
+        code, output = _run([
+            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}", __file__,
+            "--one", name, "--model-dir", str(model_dir), "--lengths", str(args.lengths), "--steps", str(args.steps),
+            "--warmup", str(args.warmup), "--result", str(result), *(["--dry-run"] if args.dry_run else [])], timeout)
+        ok = code == 0 and result.exists()
+        row = json.loads(result.read_text()) if ok else {"config": name, "gpus": gpus, "error": output[-3000:]}
+    row["wall_s"] = round(time.time() - start, 1)
+    return row
+
+
+def check_train(args, timeout: float) -> dict:
+    """`tunelab train --nproc 2` end to end on a tiny random Llama and SAMSum: 5 steps with a sharded
+    checkpoint, then `--resume` to 10, then the consolidated adapter. Checks the path, not speed."""
+    start = time.time()
+    model_dir = build_model(args.models / "tiny-v32000", tiny=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (args.tokenizer / name).exists():
+            shutil.copy(args.tokenizer / name, model_dir / name)
+    run_dir = Path(tempfile.mkdtemp(prefix="multigpu-train-")) / "run"
+    recipe = run_dir.parent / "recipe.yaml"
+    recipe.write_text("{}\n")
+    cmd = [sys.executable, "-m", "tunelab", "train", str(recipe), f"model.name={model_dir}", f"run.dir={run_dir}",
+           f"data.source={args.check_train}", "data.adapter=samsum", "data.max_train_samples=400",
+           "data.max_eval_samples=16", "train.batch_size=2", "train.save_every=5", "eval.generation_samples=2",
+           "eval.max_new_tokens=8", "--nproc", "2"]
+    row = {"config": "check_tunelab_train_nproc2", "gpus": 2}
+    for extra in (["train.max_steps=5"], ["train.max_steps=10", "--resume"]):
+        code, output = _run(cmd + extra, max(30.0, timeout - (time.time() - start)))
+        if code != 0:
+            row["error"] = f"{' '.join(extra)}: exit {code}\n{output[-3000:]}"
+            break
+    if "error" not in row:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        shards = sorted(p.name for p in (run_dir / "checkpoints" / "checkpoint-5").rglob("*.distcp"))
+        row.update(steps=summary["train"]["steps"], final_loss=summary["train"]["final_loss"],
+                   eval=summary["eval"], adapter=(run_dir / "adapter" / "adapter_model.safetensors").is_file(),
+                   checkpoint_5_shards=shards, gpu=summary["train"]["device"])
     row["wall_s"] = round(time.time() - start, 1)
     return row
 
@@ -200,6 +237,9 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=540, help="seconds for everything; configurations that "
                         "would start later are skipped (one device call is at most 600 s)")
     parser.add_argument("--dry-run", action="store_true", help="tiny model on the CPU (2 processes, gloo): checks the script")
+    parser.add_argument("--check-train", type=Path, metavar="SAMSUM_DIR",
+                        help="also run `tunelab train --nproc 2` end to end (with --resume) on this SAMSum folder, last")
+    parser.add_argument("--tokenizer", type=Path, default=Path(".gpu/tok"), help="tokenizer folder for --check-train")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -227,6 +267,12 @@ def main() -> None:
         add_scaling(rows)
         print(json.dumps(rows[-1]), flush=True)
         out.write_text(json.dumps(rows, indent=2) + "\n")  # after every row: a timeout keeps what finished
+    if args.check_train:
+        left = args.budget - (time.time() - started)
+        rows.append(check_train(args, left) if left >= 60 else {"config": "check_tunelab_train_nproc2",
+                                                              "error": "skipped: --budget spent"})
+        print(json.dumps(rows[-1]), flush=True)
+        out.write_text(json.dumps(rows, indent=2) + "\n")
     print(f"results: {out}")
 
 

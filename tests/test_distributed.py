@@ -200,12 +200,12 @@ def test_nproc_relaunches_the_same_command_under_torchrun(tmp_path, monkeypatch)
         raise SystemExit(0)
 
     monkeypatch.setattr(os, "execv", execv)
-    for nproc in (["--nproc", "2"], ["--nproc=2"]):
+    for argv in (["train.max_steps=3", "--nproc", "2"], ["--nproc=2", "train.max_steps=3"]):
         with pytest.raises(SystemExit):
-            cli.main(["train", str(recipe), "train.max_steps=3", *nproc])
+            cli.main(["train", str(recipe), *argv])
     expected = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                 "-m", "tunelab", "train", str(recipe), "train.max_steps=3"]
-    assert launched == [expected, expected]
+    assert launched == [expected, expected]  # overrides after --nproc are overrides too
     # a bad config stops before any process starts
     assert cli.main(["train", str(recipe), "train.epoks=1", "--nproc", "2"]) == 2
     assert len(launched) == 2

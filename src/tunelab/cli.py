@@ -175,8 +175,20 @@ def _quiet_libraries(verbose: bool) -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def parse_args(argv: list[str] | None):
+    """argparse, plus overrides written after an option (`train r.yaml --nproc 2 a.b=c`), which
+    argparse alone rejects once the positional overrides are behind it."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not (hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what `--nproc` re-runs under torchrun
     _quiet_libraries(args.verbose)
     try:

@@ -19,6 +19,7 @@ from tunelab.config import Config
 
 log = logging.getLogger(__name__)
 
+
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
