@@ -91,7 +91,8 @@ def test_run_folder_eval_writes_results_against_its_base_model(run_eval, lora_ru
     results, out = run_eval
     assert out.parent == lora_run / "eval"
     assert {p.name for p in out.iterdir()} == {"results.json", "predictions.jsonl", "comparison.png", "report.html",
-                                               "manual.jsonl"}
+                                               "manual.jsonl", "curves"}
+    assert (out / "curves" / "loss.png").is_file() and 'alt="loss"' in (out / "report.html").read_text()
     saved = json.loads((out / "results.json").read_text())
     assert saved["target"] == str(lora_run)
     assert saved["baseline"]["model"] == str(tiny_model_dir)  # the run's model.name

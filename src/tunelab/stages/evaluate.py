@@ -64,7 +64,7 @@ def run(
         predictions += more
     results["runtime_s"] = time.time() - start
     results["output"] = str(out)
-    write_outputs(out, results, predictions)
+    write_outputs(out, results, predictions, run_dir)
     if manual_task is not None:
         results["manual"] = str(write_manual(out / "manual.jsonl", manual_task, predictions, export_manual,
                                              {"target": target, "baseline": baseline}))
@@ -213,14 +213,18 @@ def write_manual(path: Path, task: DatasetTask, predictions: list[dict], n: int,
     return path
 
 
-def write_outputs(out: Path, results: dict, predictions: list[dict]) -> None:
-    from tunelab.tracking.metrics import atomic_write_text, write_json
-    from tunelab.tracking.plots import plot_comparison
+def write_outputs(out: Path, results: dict, predictions: list[dict], run_dir: Path | None) -> None:
+    """results.json, predictions.jsonl, the comparison chart, the training curves of a run folder
+    (curves/), and report.html showing them."""
+    from tunelab.tracking.metrics import atomic_write_text, read_jsonl, write_json
+    from tunelab.tracking.plots import plot_comparison, plot_metrics
     from tunelab.tracking.report import write_eval_report
 
     write_json(out / "results.json", results)
     lines = (json.dumps(row, ensure_ascii=False) + "\n" for row in predictions)
     atomic_write_text(out / "predictions.jsonl", "".join(lines))
     chart = plot_comparison(results, out / "comparison.png")
+    if run_dir is not None and (run_dir / "metrics.jsonl").is_file():
+        plot_metrics(read_jsonl(run_dir / "metrics.jsonl"), out / "curves")
     write_eval_report(out, results, predictions, chart)
     log.info("evaluation written to %s", out)

@@ -349,6 +349,7 @@ def write_eval_report(out_dir: str | os.PathLike, results: dict, predictions: li
     sections = [
         _section("Results", _eval_table_html(results)),
         _section("Chart", (_figure_html(chart) if chart else "") or _NA),
+        _section("Training curves", _plots_html(out_dir / "curves")) if (out_dir / "curves").is_dir() else "",
         _section("Data", _kv_table(results.get("data"))),
         _section("Predictions", link + _eval_samples_html(predictions)),
     ]
