@@ -54,6 +54,14 @@ def test_reward_model_learns_to_rank_the_marker(reward_run):
     assert adapter["task_type"] == "SEQ_CLS" and "score" in adapter["modules_to_save"]  # the head is saved too
 
 
+def test_qlora_reward_model_trains_on_cpu(tmp_path, tiny_model_dir, marker_pairs):
+    """4-bit base: trl casts the trained score head to bf16; it must still match the fp32 hidden states here."""
+    result = reward.run(_cfg(tmp_path / "run", tiny_model_dir, marker_pairs, "quantization.bits=4", "train.max_steps=3",
+                             "train.lr=1e-2"))
+    assert result.summary["method"] == "qlora"
+    assert result.summary["eval"]["after"]["loss"] < result.summary["eval"]["before"]["loss"]
+
+
 def test_dpo_learns_the_preference(tmp_path, tiny_model_dir, marker_pairs):
     result = dpo.run(_cfg(tmp_path / "run", tiny_model_dir, marker_pairs))
     before, after = result.summary["eval"]["before"], result.summary["eval"]["after"]

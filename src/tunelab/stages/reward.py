@@ -33,14 +33,23 @@ def load_classifier(cfg: Config, tokenizer):
 def build(cfg: Config, tokenizer, data, args_for, callbacks):
     from trl import RewardConfig, RewardTrainer
 
-    from tunelab.models.build import lora_config
+    from tunelab.models.build import lora_config, train_dtype
 
     args = args_for(RewardConfig, max_length=cfg.data.max_length)
-    return RewardTrainer(
+    trainer = RewardTrainer(
         model=load_classifier(cfg, tokenizer), args=args, train_dataset=data.train, eval_dataset=data.eval,
         processing_class=tokenizer, callbacks=callbacks,
         peft_config=None if cfg.peft.method == "full" else lora_config(cfg.peft, task_type="SEQ_CLS"),
     )
+    if cfg.quantization.bits:
+        # trl 1.16 casts every trainable parameter of a quantized model to bf16 (QLoRA's adapter dtype). LoRA
+        # layers cast their input to match, the trained copy of the score head does not: give it the dtype of
+        # the hidden states again (a no-op on a bf16 GPU; on the CPU, fp32). Can go once trl casts adapters only.
+        dtype = train_dtype(cfg.train.precision, cfg.model.dtype)
+        for name, param in trainer.model.named_parameters():
+            if param.requires_grad and ".score." in name:
+                param.data = param.data.to(dtype)
+    return trainer
 
 
 @torch.no_grad()
