@@ -62,7 +62,7 @@ def trl_arguments(config_class, cfg: Config, run_dir: Path, report_to: list[str]
 
 
 def split_source(cfg: Config) -> tuple[ModelSource, ModelSource]:
-    """(where the base weights are, the LoRA run to continue or None).
+    """(the base weights alone, model.name resolved: its `adapter` is the LoRA run to continue, if any).
 
     A preceding LoRA run (`model.name=runs/<sft run>`) is not merged: its adapter is loaded as the
     trainable adapter, so QLoRA works on top of it and the result is again one adapter on the
