@@ -1,7 +1,8 @@
 """Multi-GPU scaling: tunelab's training path on 1 and 2 GPUs of one machine, FSDP2 through the Trainer.
 
-    NCCL_NVLS_ENABLE=0 python benchmarks/multigpu.py --lengths .gpu/samsum_lengths.json --out benchmarks/results
-    python benchmarks/multigpu.py --dry-run          # CPU: the same processes on a tiny model (gloo, DDP)
+    NCCL_NVLS_ENABLE=0 python benchmarks/multigpu.py --lengths .gpu/samsum_lengths.json --out benchmarks/results \
+        [--check-train .gpu/data/samsum --tokenizer .gpu/tok]
+    python benchmarks/multigpu.py --dry-run [--check-train ...]   # CPU: the same processes, tiny model, gloo (DDP)
 
 Llama-2-7B shape (hidden 4096, 32 layers, intermediate 11008, vocab 32,000), random weights,
 bf16, sdpa, activation checkpointing, 4 rows of 2,048 tokens per GPU and step, packed (best-fit
@@ -12,7 +13,10 @@ collator, `training_arguments` (FSDP2 via transformers/accelerate when there are
 processes) and TunelabTrainer. tokens/s counts the real tokens of all GPUs over the timed steps
 (after the warm-up steps); peak memory is the largest `max_memory_allocated` over the GPUs
 during those steps.
-Scaling efficiency = tokens/s on N GPUs / (N x tokens/s on 1 GPU), per method.
+Scaling efficiency = tokens/s on N GPUs / (N x tokens/s on 1 GPU), per method. The main rows use
+the stock transformers modules (`train.kernels=off`); the `_kernels` rows add what `tunelab train`
+turns on by default on CUDA (varlen attention, liger's fused kernels). Everything runs in one
+call, most telling first, within `--budget` seconds.
 """
 
 from __future__ import annotations
@@ -33,13 +37,17 @@ from gpu_spine import SHAPES
 from train_speed import samples
 
 ROW, ROWS_PER_GPU, VOCAB = 2048, 4, 32000
-CONFIGS = {  # name → (peft.method, quantization.bits, GPUs); the order runs the most telling first
-    "lora_all_r16": ("lora", None, 1),
-    "lora_all_r16_fsdp2": ("lora", None, 2),
-    "qlora_all_r16": ("lora", 4, 1),
-    "qlora_all_r16_fsdp2": ("lora", 4, 2),
-    "full_fsdp2": ("full", None, 2),
+CONFIGS = {  # name → (peft.method, quantization.bits, GPUs, train.kernels); the most telling run first
+    "lora_all_r16": ("lora", None, 1, "off"),
+    "lora_all_r16_fsdp2": ("lora", None, 2, "off"),
+    "qlora_all_r16": ("lora", 4, 1, "off"),
+    "qlora_all_r16_fsdp2": ("lora", 4, 2, "off"),
+    "full_fsdp2": ("full", None, 2, "off"),
+    "lora_all_r16_kernels": ("lora", None, 1, "auto"),  # tunelab train's CUDA default (issue #6's fused kernels)
+    "lora_all_r16_kernels_fsdp2": ("lora", None, 2, "auto"),
 }
+CHECK = "check_tunelab_train_nproc2"  # not a measurement: `tunelab train --nproc 2` end to end (--check-train)
+ORDER = [*(n for n in CONFIGS if CONFIGS[n][3] == "off"), CHECK, *(n for n in CONFIGS if CONFIGS[n][3] != "off")]
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 
 
@@ -89,14 +97,14 @@ def worker(name: str, model_dir: str, lengths: list[int], steps: int, warmup: in
     import torch.distributed as dist
     from transformers import TrainerCallback
 
-    from tunelab import distributed
+    from tunelab import distributed, kernels
     from tunelab.config import build_config
     from tunelab.data.batching import Collator
     from tunelab.models.build import apply_peft, load_model
     from tunelab.models.loading import ModelSource
     from tunelab.trainer import TunelabTrainer, training_arguments
 
-    method, bits, _ = CONFIGS[name]
+    method, bits, _, kernel_mode = CONFIGS[name]
     row = 64 if tiny else ROW
     run_dir = tempfile.mkdtemp(prefix=f"multigpu-{name}-")
     cfg = build_config({
@@ -106,10 +114,11 @@ def worker(name: str, model_dir: str, lengths: list[int], steps: int, warmup: in
         "peft": {"method": method, "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
         "data": {"source": "random", "adapter": "samsum", "max_length": row},
         "train": {"batch_size": ROWS_PER_GPU, "max_steps": warmup + steps, "lr": 1e-5, "warmup_ratio": 0.0,
-                  "gradient_checkpointing": True, "logging_steps": 1000},
+                  "gradient_checkpointing": True, "logging_steps": 1000, "kernels": kernel_mode},
     })
     distributed.init(cfg)  # before loading: each process loads onto its own GPU
     model = load_model(cfg, _Vocab(), ModelSource(model_dir))
+    enabled = kernels.apply(model, cfg.train.kernels)  # as load_for_training does
     model = apply_peft(model, cfg.peft, bool(bits), cfg.train.gradient_checkpointing)
     world = distributed.world_size()
     collator = Collator(pad_token_id=0)
@@ -146,7 +155,7 @@ def worker(name: str, model_dir: str, lengths: list[int], steps: int, warmup: in
         stats = torch.stack([tokens[0], peak[1]])
     if distributed.is_main():
         out.write_text(json.dumps({
-            "config": name, "gpus": world, "method": cfg.method, "fsdp2": trainer.is_fsdp_enabled,
+            "config": name, "gpus": world, "method": cfg.method, "kernels": enabled, "fsdp2": trainer.is_fsdp_enabled,
             "tokens_per_s": stats[0].item() / timer.seconds,
             "tokens_per_s_per_gpu": stats[0].item() / timer.seconds / world,
             "peak_memory_gib_per_gpu": stats[1].item() / 2**30,
@@ -199,7 +208,7 @@ def check_train(args, timeout: float) -> dict:
            f"data.source={args.check_train}", "data.adapter=samsum", "data.max_train_samples=400",
            "data.max_eval_samples=16", "train.batch_size=2", "train.save_every=5", "eval.generation_samples=2",
            "eval.max_new_tokens=8", "--nproc", "2"]
-    row = {"config": "check_tunelab_train_nproc2", "gpus": 2}
+    row = {"config": CHECK, "gpus": 2}
     for extra in (["train.max_steps=5"], ["train.max_steps=10", "--resume"]):
         code, output = _run(cmd + extra, max(30.0, timeout - (time.time() - start)))
         if code != 0:
@@ -216,11 +225,14 @@ def check_train(args, timeout: float) -> dict:
 
 
 def add_scaling(rows: list[dict]) -> None:
-    """scaling_efficiency on every multi-GPU row whose method also ran on 1 GPU."""
-    single = {r["method"]: r["tokens_per_s"] for r in rows if r.get("gpus") == 1 and "tokens_per_s" in r}
+    """scaling_efficiency on every multi-GPU row whose method (and kernels) also ran on 1 GPU."""
+    def key(r):
+        return r.get("method"), tuple(r.get("kernels") or ())
+
+    single = {key(r): r["tokens_per_s"] for r in rows if r.get("gpus") == 1 and "tokens_per_s" in r}
     for r in rows:
-        if r.get("gpus", 1) > 1 and r.get("method") in single:
-            r["speedup_vs_1_gpu"] = r["tokens_per_s"] / single[r["method"]]
+        if r.get("gpus", 1) > 1 and key(r) in single:
+            r["speedup_vs_1_gpu"] = r["tokens_per_s"] / single[key(r)]
             r["scaling_efficiency"] = r["speedup_vs_1_gpu"] / r["gpus"]
 
 
@@ -232,13 +244,13 @@ def main() -> None:
     parser.add_argument("--models", type=Path, default=Path("/tmp/tunelab-models"))
     parser.add_argument("--steps", type=int, default=8, help="timed steps per configuration")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    parser.add_argument("--only", default=",".join(CONFIGS), help="comma-separated configurations")
+    parser.add_argument("--only", default=",".join(ORDER), help=f"comma-separated, from {', '.join(ORDER)}")
     parser.add_argument("--timeout", type=int, default=240, help="seconds one configuration may take")
     parser.add_argument("--budget", type=int, default=540, help="seconds for everything; configurations that "
                         "would start later are skipped (one device call is at most 600 s)")
     parser.add_argument("--dry-run", action="store_true", help="tiny model on the CPU (2 processes, gloo): checks the script")
     parser.add_argument("--check-train", type=Path, metavar="SAMSUM_DIR",
-                        help="also run `tunelab train --nproc 2` end to end (with --resume) on this SAMSum folder, last")
+                        help=f"SAMSum folder for `{CHECK}`: `tunelab train --nproc 2` end to end, with --resume")
     parser.add_argument("--tokenizer", type=Path, default=Path(".gpu/tok"), help="tokenizer folder for --check-train")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -259,20 +271,18 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.only.split(","):
+        if name == CHECK and not args.check_train:
+            continue
         left = args.budget - (time.time() - started)
-        if left < 30:
-            rows.append({"config": name, "gpus": CONFIGS[name][2], "error": "skipped: --budget spent"})
+        if left < 45:
+            rows.append({"config": name, "error": "skipped: --budget spent"})
+        elif name == CHECK:
+            rows.append(check_train(args, left))
         else:
             rows.append(run_config(name, args, model_dir, min(args.timeout, left)))
         add_scaling(rows)
         print(json.dumps(rows[-1]), flush=True)
         out.write_text(json.dumps(rows, indent=2) + "\n")  # after every row: a timeout keeps what finished
-    if args.check_train:
-        left = args.budget - (time.time() - started)
-        rows.append(check_train(args, left) if left >= 60 else {"config": "check_tunelab_train_nproc2",
-                                                              "error": "skipped: --budget spent"})
-        print(json.dumps(rows[-1]), flush=True)
-        out.write_text(json.dumps(rows, indent=2) + "\n")
     print(f"results: {out}")
 
 
