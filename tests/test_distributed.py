@@ -206,6 +206,9 @@ def test_nproc_relaunches_the_same_command_under_torchrun(tmp_path, monkeypatch)
     expected = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                 "-m", "tunelab", "train", str(recipe), "train.max_steps=3"]
     assert launched == [expected, expected]  # overrides after --nproc are overrides too
-    # a bad config stops before any process starts
+    # a bad config, or more processes than GPUs, stops before any process starts
     assert cli.main(["train", str(recipe), "train.epoks=1", "--nproc", "2"]) == 2
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert cli.main(["train", str(recipe), "--nproc", "2"]) == 2
     assert len(launched) == 2

@@ -16,6 +16,7 @@ import os
 import sys
 
 from tunelab.config import Config
+from tunelab.errors import TunelabError
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,12 @@ def strip_nproc(argv: list[str]) -> list[str]:
 
 
 def relaunch(nproc: int, argv: list[str]):
-    """Replace this process by torchrun running `tunelab ARGV` on `nproc` processes."""
+    """Replace this process by torchrun running `tunelab ARGV` on `nproc` processes (one per GPU)."""
+    import torch
+
+    if torch.cuda.is_available() and nproc > torch.cuda.device_count():
+        raise TunelabError(f"--nproc {nproc}: this machine has {torch.cuda.device_count()} GPU(s); one process "
+                           "per GPU (for several machines see README 'Scaling out')")
     cmd = launch_command(nproc, strip_nproc(argv))
     sys.stdout.flush()
     os.execv(cmd[0], cmd)
