@@ -118,7 +118,7 @@ def worker(name: str, model_dir: str, lengths: list[int], steps: int, warmup: in
     })
     distributed.init(cfg)  # before loading: each process loads onto its own GPU
     model = load_model(cfg, _Vocab(), ModelSource(model_dir))
-    enabled = kernels.apply(model, cfg.train.kernels)  # as load_for_training does
+    enabled = kernels.apply(model, cfg.train.kernels, sharded=distributed.fsdp_enabled(cfg))  # as load_for_training does
     model = apply_peft(model, cfg.peft, bool(bits), cfg.train.gradient_checkpointing)
     world = distributed.world_size()
     collator = Collator(pad_token_id=0)

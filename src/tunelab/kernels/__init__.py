@@ -19,8 +19,13 @@ log = logging.getLogger(__name__)
 SUPPORTED = tuple(liger.ENTRY_POINTS)
 
 
-def apply(model, mode: str) -> list[str]:
-    """Switch `model` (a transformers model, before PEFT wraps it) to the fast path; returns what is on."""
+def apply(model, mode: str, sharded: bool = False) -> list[str]:
+    """Switch `model` (a transformers model, before PEFT wraps it) to the fast path; returns what is on.
+
+    sharded: FSDP will shard the model. liger's fused cross-entropy multiplies the output
+    projection's weight outside that module's forward, where FSDP2 hands it over as a sharded
+    DTensor (`aten.mm.out got mixed torch.Tensor and DTensor`, seen on 2 H200s), so it is left out.
+    """
     if mode == "off":
         return []
     import torch
@@ -39,7 +44,7 @@ def apply(model, mode: str) -> list[str]:
         model.set_attn_implementation(varlen.NAME)
         enabled.append("varlen_attention")
     if liger.available():
-        enabled += liger.apply(model)
+        enabled += liger.apply(model, fused_cross_entropy=not sharded)
     else:
         log.warning("train.kernels=auto: liger-kernel is not installed (pip install 'tunelab[gpu]'); "
                     "no fused norm/MLP/cross-entropy kernels")

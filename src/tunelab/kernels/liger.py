@@ -21,11 +21,12 @@ def available() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None
 
 
-def apply(model) -> list[str]:
+def apply(model, fused_cross_entropy: bool = True) -> list[str]:
     """Patch this model instance (and, for RoPE, transformers' module-level function, which liger
     can only patch globally; the kernel is exact, so other models lose nothing)."""
     import liger_kernel.transformers as liger
 
+    parts = {part: part != "fused_linear_cross_entropy" or fused_cross_entropy for part in PARTS}
     patch = getattr(liger, ENTRY_POINTS[model.config.model_type])
-    patch(model=model, cross_entropy=False, **dict.fromkeys(PARTS, True))
-    return [f"liger:{part}" for part in PARTS]
+    patch(model=model, cross_entropy=False, **parts)
+    return [f"liger:{part}" for part, on in parts.items() if on]

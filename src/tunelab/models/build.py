@@ -158,7 +158,7 @@ def load_for_training(cfg: Config):
     source = resolve(cfg.model.name)
     tokenizer = load_tokenizer(source)
     model = load_model(cfg, tokenizer, source)
-    kernels.apply(model, cfg.train.kernels)
+    kernels.apply(model, cfg.train.kernels, sharded=fsdp_enabled(cfg))
     model = apply_peft(model, cfg.peft, bool(cfg.quantization.bits), cfg.train.gradient_checkpointing)
     return model, tokenizer
 
