@@ -87,6 +87,15 @@ def run(cfg: Config) -> RunResult:
     return run_stage(cfg, STAGE)
 
 
+def reward_run_problem(run: str) -> str | None:
+    """Why `run` cannot serve as preference.reward_model, or None."""
+    summary = Path(run) / "summary.json"
+    if not summary.is_file() or json.loads(summary.read_text()).get("command") != "reward":
+        return (f"preference.reward_model: {run} is not a finished `tunelab reward` run folder (no summary.json "
+                "written by tunelab reward); train one with `tunelab reward recipes/reward.yaml`")
+    return None
+
+
 def load_reward_model(run: str):
     """(reward model in eval mode, its tokenizer) from a `tunelab reward` run folder, built as that
     run built it: its config's base (with any LoRA run merged), then its adapter and score head."""
@@ -97,10 +106,8 @@ def load_reward_model(run: str):
     from tunelab.models.loading import ModelSource
 
     run_dir = Path(run)
-    summary = run_dir / "summary.json"
-    if not summary.is_file() or json.loads(summary.read_text()).get("command") != "reward":
-        raise TunelabError(f"preference.reward_model: {run} is not a finished `tunelab reward` run folder "
-                           "(no summary.json written by tunelab reward); train one with `tunelab reward recipes/reward.yaml`")
+    if problem := reward_run_problem(run):
+        raise TunelabError(problem)
     if (run_dir / "model" / "config.json").is_file():  # full fine-tuning
         tokenizer = load_tokenizer(ModelSource(str(run_dir / "model")))
         model = AutoModelForSequenceClassification.from_pretrained(run_dir / "model")

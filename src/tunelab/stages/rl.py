@@ -27,10 +27,14 @@ from tunelab.stages.preference import RunResult, Stage, generation_rows, load_po
 
 def check(cfg: Config) -> None:
     """What rl needs beyond the schema, before any model loads."""
+    from tunelab.stages.reward import reward_run_problem
+
     p, t = cfg.preference, cfg.train
     problems = []
     if not p.reward_model:
         problems.append("preference.reward_model: required by tunelab rl; the run folder of `tunelab reward`")
+    elif problem := reward_run_problem(p.reward_model):
+        problems.append(problem)
     if (t.batch_size * t.grad_accum) % p.num_generations:
         problems.append(f"train.batch_size: batch_size × grad_accum ({t.batch_size} × {t.grad_accum}) counts "
                         f"completions and must be a multiple of preference.num_generations={p.num_generations}")
