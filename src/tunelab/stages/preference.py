@@ -19,7 +19,7 @@ import torch
 from tunelab.config import Config
 from tunelab.errors import TunelabError
 from tunelab.models.loading import ModelSource
-from tunelab.stages.sft import RunResult, last_train_loss, open_run_dir, peak_memory_gb, train, write_samples
+from tunelab.stages.sft import RunResult, open_run_dir, run_warnings, train, train_stats, write_samples
 from tunelab.tracking.metrics import MetricsCallback, read_jsonl, write_json
 
 log = logging.getLogger(__name__)
@@ -170,19 +170,11 @@ def run_stage(cfg: Config, stage: Stage) -> RunResult:
         "method": cfg.method,
         "output": str(out),
         "data": data.stats,
-        "train": {
-            "steps": trainer.state.global_step,
-            "epochs": trainer.state.epoch,
-            "runtime_s": timing["runtime_s"],
-            "peak_memory_gb": peak_memory_gb(),
-            "final_loss": last_train_loss(run_dir / "metrics.jsonl"),
-            "mean_loss": timing["train_loss"],
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        },
+        "train": train_stats(trainer, timing, run_dir),
         "eval": {"before": before, "after": after},
+        "warnings": run_warnings(records := read_jsonl(run_dir / "metrics.jsonl")),
     }
     write_json(run_dir / "summary.json", summary)
-    records = read_jsonl(run_dir / "metrics.jsonl")
     plot_metrics(records, run_dir / "plots")
     for name, (title, keys) in stage.curves.items():
         plot_curves(records, keys, title, run_dir / "plots" / f"{name}.png")

@@ -176,16 +176,9 @@ def run(cfg: Config) -> RunResult:
         "output": str(out),
         "data": data.stats,
         "train": {
-            "steps": trainer.state.global_step,
-            "epochs": trainer.state.epoch,
-            "runtime_s": timing["runtime_s"],
+            **train_stats(trainer, timing, run_dir),
             "tokens_per_s": real_tokens / timing["runtime_s"] if timing["runtime_s"] else None,  # all processes
             "pad_fraction": collator.pad_fraction,
-            "peak_memory_gb": peak_memory_gb(),
-            "final_loss": last_train_loss(run_dir / "metrics.jsonl"),
-            "mean_loss": timing["train_loss"],
-            "best_checkpoint": trainer.state.best_model_checkpoint,
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         },
         "eval": {"before": before, "after": after},
         "warnings": run_warnings(records := read_jsonl(run_dir / "metrics.jsonl")),
@@ -194,6 +187,20 @@ def run(cfg: Config) -> RunResult:
     plot_metrics(records, run_dir / "plots")
     write_report(run_dir)
     return RunResult(run_dir, summary)
+
+
+def train_stats(trainer, timing: dict, run_dir: Path) -> dict:
+    """The summary's `train` numbers every training stage reports (SFT, reward, DPO, RL)."""
+    return {
+        "steps": trainer.state.global_step,
+        "epochs": trainer.state.epoch,
+        "runtime_s": timing["runtime_s"],
+        "peak_memory_gb": peak_memory_gb(),
+        "final_loss": last_train_loss(run_dir / "metrics.jsonl"),
+        "mean_loss": timing["train_loss"],
+        "best_checkpoint": trainer.state.best_model_checkpoint,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    }
 
 
 def run_warnings(records: list[dict]) -> list[str]:
