@@ -185,9 +185,13 @@ def test_qlora_under_fsdp_stores_4bit_weights_in_the_compute_dtype():
     (["quantization.bits=4", "distributed.cpu_ram_efficient_loading=true"], "distributed.cpu_ram_efficient_loading"),
 ])
 def test_config_rejects_what_fsdp_cannot_do(overrides, field):
+    from tunelab.distributed import check
+
+    cfg = load_config(None, ["data.source=x", "data.adapter=samsum", *overrides])
+    check(cfg, 1)  # one process: the distributed section does not apply
     with pytest.raises(TunelabError, match=field):
-        load_config(None, ["data.source=x", "data.adapter=samsum", *overrides])
-    load_config(None, ["data.source=x", "data.adapter=samsum", "distributed.strategy=ddp", "quantization.bits=8"])
+        check(cfg, 2)
+    check(load_config(None, ["data.source=x", "data.adapter=samsum", "distributed.strategy=ddp", "quantization.bits=8"]), 2)
 
 
 def test_nproc_relaunches_the_same_command_under_torchrun(tmp_path, monkeypatch):

@@ -22,6 +22,7 @@ def _train(args) -> None:
     overrides = list(args.overrides) + (["train.resume=true"] if args.resume else [])
     cfg = load_config(args.recipe, overrides)  # config errors show once, before N processes start
     if args.nproc > 1 and distributed.world_size() == 1:
+        distributed.check(cfg, args.nproc)
         distributed.relaunch(args.nproc, args.argv)
     result = sft.run(cfg)
     if distributed.is_main():

@@ -267,7 +267,6 @@ class Config(_Section):
                 "or set quantization.bits=null"
             )
         problems += _selection_problems(self.train)
-        problems += _distributed_problems(self.distributed, self.quantization)
         if (self.data.folds is None) != (self.data.fold is None):
             problems.append("data.fold: data.folds and data.fold are set together (or neither)")
         elif self.data.folds is not None and self.data.fold >= self.data.folds:
@@ -308,18 +307,6 @@ def _selection_problems(t: TrainConfig) -> list[str]:
     if selects and t.eval_every and t.save_every and t.save_every % t.eval_every:
         problems.append(f"train.save_every: the best checkpoint is chosen at validations, so save_every "
                         f"({t.save_every}) must be a multiple of train.eval_every ({t.eval_every})")
-    return problems
-
-
-def _distributed_problems(d: DistributedConfig, q: QuantizationConfig) -> list[str]:
-    """Settings FSDP2 cannot honour (they would fail only once several processes are running)."""
-    problems = []
-    if d.strategy == "fsdp" and q.bits == 8:
-        problems.append("distributed.strategy: FSDP cannot shard 8-bit bitsandbytes weights; use quantization.bits=4 "
-                        "(QLoRA shards) or distributed.strategy=ddp")
-    if d.cpu_ram_efficient_loading and q.bits:
-        problems.append("distributed.cpu_ram_efficient_loading: not with quantization.bits (every process "
-                        "quantizes its own copy on its GPU); set it to false")
     return problems
 
 

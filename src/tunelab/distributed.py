@@ -65,9 +65,26 @@ def relaunch(nproc: int, argv: list[str]):
     os.execv(cmd[0], cmd)
 
 
+def check(cfg: Config, processes: int) -> None:
+    """Refuse settings FSDP2 cannot honour on `processes` processes, before any starts (one
+    process ignores the distributed section, so 8-bit LoRA on one GPU stays fine)."""
+    if processes == 1 or cfg.distributed.strategy != "fsdp":
+        return
+    problems = []
+    if cfg.quantization.bits == 8:
+        problems.append("distributed.strategy: FSDP cannot shard 8-bit bitsandbytes weights; use quantization.bits=4 "
+                        "(QLoRA shards) or distributed.strategy=ddp")
+    if cfg.distributed.cpu_ram_efficient_loading and cfg.quantization.bits:
+        problems.append("distributed.cpu_ram_efficient_loading: not with quantization.bits (every process "
+                        "quantizes its own copy on its GPU); set it to false")
+    if problems:
+        raise TunelabError("invalid config for several processes:\n  - " + "\n  - ".join(problems))
+
+
 def init(cfg: Config) -> None:
     """Join the process group before the model loads, so each process loads onto its own GPU
     (LOCAL_RANK) and `cpu_ram_efficient_loading` can tell rank 0 from the others. No-op alone."""
+    check(cfg, world_size())  # torchrun / accelerate launch started us without `--nproc`
     if world_size() == 1:
         return
     import torch
