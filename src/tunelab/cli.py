@@ -14,13 +14,18 @@ import sys
 from tunelab.errors import TunelabError
 
 
+def _recipe_config(args):
+    """The validated config of a training command: recipe + overrides, `--resume` as train.resume."""
+    from tunelab.config import load_config
+
+    return load_config(args.recipe, list(args.overrides) + (["train.resume=true"] if args.resume else []))
+
+
 def _train(args) -> None:
     from tunelab import distributed
-    from tunelab.config import load_config
     from tunelab.stages import sft
 
-    overrides = list(args.overrides) + (["train.resume=true"] if args.resume else [])
-    cfg = load_config(args.recipe, overrides)  # config errors show once, before N processes start
+    cfg = _recipe_config(args)  # config errors show once, before N processes start
     if args.nproc > 1 and distributed.world_size() == 1:
         distributed.check(cfg, args.nproc)
         distributed.relaunch(args.nproc, args.argv)
@@ -69,13 +74,7 @@ def _kfold(args) -> None:
 
 def _preference(args) -> None:
     """`tunelab reward|dpo|rl RECIPE`: the preference stages share SFT's config and run folder."""
-    import importlib
-
-    from tunelab.config import load_config
-
-    overrides = list(args.overrides) + (["train.resume=true"] if args.resume else [])
-    cfg = load_config(args.recipe, overrides)
-    result = importlib.import_module(f"tunelab.stages.{args.command}").run(cfg)
+    result = importlib.import_module(f"tunelab.stages.{args.command}").run(_recipe_config(args))
     _print_result(result)
 
 

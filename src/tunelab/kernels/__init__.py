@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
 from tunelab.kernels import liger, varlen
 
 log = logging.getLogger(__name__)
@@ -28,8 +30,6 @@ def apply(model, mode: str, sharded: bool = False) -> list[str]:
     """
     if mode == "off":
         return []
-    import torch
-
     if not torch.cuda.is_available():
         log.info("train.kernels=auto: no CUDA here; training with the stock transformers modules")
         return []

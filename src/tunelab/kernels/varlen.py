@@ -13,6 +13,7 @@ fall through to transformers' own sdpa path, so behaviour there is unchanged.
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -51,18 +52,23 @@ def torch_varlen(q, k, v, cu, max_len, scale):
     between torch 2.9-2.11 (`is_causal`) and 2.12+ (`window_size`, `enable_gqa`)."""
     from torch.nn.attention.varlen import varlen_attn
 
-    params = inspect.signature(varlen_attn).parameters
-    kwargs = {"scale": scale}
-    if "enable_gqa" in params:
-        kwargs["enable_gqa"] = True
-    elif q.shape[1] != k.shape[1]:
+    causal, gqa = _varlen_options()
+    if not gqa and q.shape[1] != k.shape[1]:
         groups = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
-    if "is_causal" in params:
-        kwargs["is_causal"] = True
-    else:
-        kwargs["window_size"] = (-1, 0)
-    return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kwargs)
+    extra = {"enable_gqa": True} if gqa else {}
+    return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale, **causal, **extra)
+
+
+@functools.cache
+def _varlen_options() -> tuple[dict, bool]:
+    """(the causal keyword of this torch's varlen_attn, whether it takes enable_gqa), read once:
+    attention runs in every layer of every step."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = inspect.signature(varlen_attn).parameters
+    causal = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+    return causal, "enable_gqa" in params
 
 
 kernel = torch_varlen
