@@ -8,7 +8,8 @@ import pytest
 
 from tests.conftest import make_tiny_model
 from tunelab.errors import TunelabError
-from tunelab.inference.engine import SamplingParams, TextStream, build_engine, choose_backend, load_engine
+from tunelab.inference.backends import build_engine, choose_backend, load_engine
+from tunelab.inference.base import SamplingParams, TextStream
 from tunelab.inference.kv import KVLedger, static_batch_snapshots
 
 

@@ -26,7 +26,7 @@ def _free_port() -> int:
 def base_url(tokenizer):
     import uvicorn
 
-    from tunelab.inference.engine import build_engine
+    from tunelab.inference.backends import build_engine
     from tunelab.inference.server import create_app
 
     model = make_tiny_model(tokenizer).eval()
@@ -143,7 +143,8 @@ def test_adapters_are_routed_by_model_name(tiny_model_dir, tmp_path):
     from fastapi.testclient import TestClient
     from peft import LoraConfig, get_peft_model
 
-    from tunelab.inference.engine import SamplingParams, build_engine
+    from tunelab.inference.backends import build_engine
+    from tunelab.inference.base import SamplingParams
     from tunelab.inference.prompts import prompt_ids
     from tunelab.inference.server import create_app, load_with_adapters
     from tunelab.models.build import load_for_eval

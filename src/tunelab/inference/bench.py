@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from tunelab.inference.engine import Engine, SamplingParams
+from tunelab.inference.base import Engine, SamplingParams
 
 ROW_KEYS = ("backend", "tokens_per_s", "p50_ms", "p99_ms", "kv_waste_pct", "device")
 
@@ -70,7 +70,7 @@ def bench(model, tokenizer, prompts: list[list[int]], limits: list[int], *, kv_b
     kv_log: also write every step's KV state there (JSON lines, with the backend)."""
     import torch
 
-    from tunelab.inference.engine import build_engine
+    from tunelab.inference.backends import build_engine
 
     rows = []
     for backend in backends:

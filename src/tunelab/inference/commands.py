@@ -15,7 +15,7 @@ def _engine_options(args) -> dict:
 
 
 def _sampling(args):
-    from tunelab.inference.engine import SamplingParams
+    from tunelab.inference.base import SamplingParams
 
     return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                           top_k=args.top_k, stop=tuple(args.stop or ()), seed=args.seed)
@@ -71,7 +71,7 @@ def _input_rows(path: str) -> list[dict]:
 def _generate(args) -> None:
     from tqdm.auto import tqdm
 
-    from tunelab.inference.engine import load_engine
+    from tunelab.inference.backends import load_engine
     from tunelab.inference.prompts import prompt_ids
 
     if (args.prompt is None) == (args.input is None):
@@ -106,7 +106,7 @@ def _generate(args) -> None:
 
 
 def _chat(args) -> None:
-    from tunelab.inference.engine import load_engine
+    from tunelab.inference.backends import load_engine
     from tunelab.inference.prompts import load_style, prompt_ids
 
     styler, params = _Styler(args), _sampling(args)
@@ -154,7 +154,7 @@ def _chat(args) -> None:
 def _serve(args) -> None:
     import uvicorn
 
-    from tunelab.inference.engine import build_engine, choose_backend
+    from tunelab.inference.backends import build_engine, choose_backend
     from tunelab.inference.server import create_app, load_with_adapters, parse_adapters
 
     adapters = parse_adapters(args.adapters)

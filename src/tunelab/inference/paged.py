@@ -16,7 +16,7 @@ import logging
 import threading
 
 from tunelab.errors import TunelabError
-from tunelab.inference.engine import Delta, Engine, Handle, eos_ids, finish_reason
+from tunelab.inference.base import Delta, Engine, Handle, eos_ids, finish_reason
 from tunelab.inference.kv import KVLedger, PagedCacheReader
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
 
 from tunelab.errors import TunelabError
-from tunelab.inference.engine import Engine, SamplingParams, TextStream
+from tunelab.inference.base import Engine, SamplingParams, TextStream
 from tunelab.inference.prompts import prompt_ids
 
 
@@ -152,12 +152,18 @@ def score_logprobs(engine: Engine, prompt: list[int], generated: list[int], top:
 
 def create_app(engine: Engine, model_name: str, *, adapters: list[str] = (), api_key: str | None = None,
                max_context: int | None = None, default_max_tokens: int = 256) -> FastAPI:
-    """The app over a running engine; `adapters` are names already loaded on engine.model by peft."""
+    """The app over a running engine; `adapters` are names already loaded on engine.model by peft.
+
+    The server uses the engine's model itself (adapter switching, logprob scoring), so a backend
+    that keeps its weights to itself (vLLM, whose own server is `vllm serve`) is refused."""
+    if engine.model is None:
+        raise TunelabError(f"serve: the {engine.name} backend does not expose its model; "
+                           "tunelab serves with --backend paged or static (for vLLM use `vllm serve`)")
     app = FastAPI(title="tunelab", docs_url=None, redoc_url=None)
     names = [model_name, *adapters]
     created = int(time.time())
     gate = AdapterGate(lambda name: select_adapter(engine.model, None if name == model_name else name), model_name)
-    if max_context is None and engine.model is not None:
+    if max_context is None:
         max_context = getattr(engine.model.config, "max_position_embeddings", None)
 
     @app.exception_handler(ApiError)

@@ -14,7 +14,7 @@ from collections import deque
 
 import torch
 
-from tunelab.inference.engine import Delta, Engine, Handle, eos_ids, finish_reason
+from tunelab.inference.base import Delta, Engine, Handle, eos_ids, finish_reason
 from tunelab.inference.kv import KVLedger, KVSnapshot, static_batch_snapshots
 
 

@@ -11,7 +11,7 @@ import importlib.util
 import threading
 
 from tunelab.errors import TunelabError
-from tunelab.inference.engine import Delta, Engine, Handle, finish_reason
+from tunelab.inference.base import Delta, Engine, Handle, finish_reason
 
 
 def available() -> bool:

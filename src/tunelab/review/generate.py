@@ -19,7 +19,8 @@ def generate_outputs(model_name: str, chats: list[list[dict]], k: int, *, max_ne
     sampled otherwise (the engine's seeded sampler, so the k samples of a prompt differ)."""
     from tqdm.auto import tqdm
 
-    from tunelab.inference.engine import SamplingParams, load_engine
+    from tunelab.inference.backends import load_engine
+    from tunelab.inference.base import SamplingParams
     from tunelab.inference.prompts import prompt_ids
 
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0 if k == 1 else temperature,

@@ -1,15 +1,15 @@
-"""One generation interface (submit, stream, cancel) over three backends.
+"""The generation interface every backend implements, and the types it speaks in.
 
-`paged` (default): transformers' paged KV cache with continuous batching, configured and
-measured by us (`paged.py`). `static`: plain `generate()` on padded batches, the comparison
-baseline (`static.py`). `vllm`: vLLM when it is installed and a GPU is present
-(`vllm_backend.py`). Every backend delivers a request's tokens as `Delta` events on its
-`Handle`; text, stop strings and finish reasons are handled here, once, for all of them.
+An `Engine` takes requests (`submit`), delivers each request's tokens as `Delta` events on its
+`Handle`, and cancels them; text, stop strings and finish reasons are handled here, once, for
+all backends. This module imports no backend: `backends.py` chooses and builds them, and each
+backend module imports only this one (and `kv.py`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import queue
 import time
@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from tunelab.errors import TunelabError
 from tunelab.inference.kv import KVLedger
 
-BACKENDS = ("auto", "paged", "static", "vllm")
 RATE_WINDOW_S = 10.0  # /metrics tokens/s: generated tokens over the last this many seconds
 
 
@@ -147,7 +146,12 @@ class TextStream:
 
 
 class Engine(ABC):
-    """Submit requests, stream their tokens, cancel them; report the KV cache."""
+    """Submit requests, stream their tokens, cancel them; report the KV cache.
+
+    `model` is the transformers model the engine generates with, or None when the backend holds
+    its weights itself (vLLM); `exclusive()` lends that model outside the batch loop (the
+    server scores logprobs with it). Callers that need either check `model is not None`.
+    """
 
     name: str
     _ids = itertools.count()
@@ -171,6 +175,11 @@ class Engine(ABC):
         if self.ledger is None:
             return {"now": {}, "summary": {}}
         return {"now": self.ledger.now(), "summary": self.ledger.summary()}
+
+    def exclusive(self) -> contextlib.AbstractContextManager:
+        """Hold `model` while no generation step runs (to use it for something else)."""
+        raise TunelabError(f"--backend {self.name}: the model is not reachable outside the engine; "
+                           "use --backend paged or static")
 
     def close(self) -> None:
         """Stop background work."""
@@ -263,43 +272,3 @@ def eos_ids(model, tokenizer) -> set[int]:
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return ids
-
-
-def build_engine(backend: str, model, tokenizer, **options) -> Engine:
-    """An engine of `backend` over an already loaded model (see `load_engine` for a target name)."""
-    if backend == "paged":
-        from tunelab.inference.paged import PagedEngine
-
-        return PagedEngine(model, tokenizer, **options)
-    if backend == "static":
-        from tunelab.inference.static import StaticEngine
-
-        return StaticEngine(model, tokenizer, **options)
-    if backend == "vllm":
-        raise TunelabError("--backend vllm loads the model itself: use load_engine(target, backend='vllm')")
-    raise TunelabError(f"--backend: got {backend!r}; choose one of {', '.join(BACKENDS)}")
-
-
-def choose_backend(backend: str) -> str:
-    """`auto`: vLLM when it is installed and a GPU is present, else `paged`."""
-    if backend not in BACKENDS:
-        raise TunelabError(f"--backend: got {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend == "auto":
-        from tunelab.inference import vllm_backend
-
-        return "vllm" if vllm_backend.available() else "paged"
-    return backend
-
-
-def load_engine(target: str, backend: str = "auto", **options) -> Engine:
-    """Load what `tunelab eval` loads (run folder, adapter, model folder, Hub id, .gguf, `embedded`)
-    with the run's own tokenizer, and start an engine on it."""
-    backend = choose_backend(backend)
-    if backend == "vllm":
-        from tunelab.inference.vllm_backend import VllmEngine
-
-        return VllmEngine(target, **options)
-    from tunelab.models.build import load_for_eval
-
-    model, tokenizer = load_for_eval(target)
-    return build_engine(backend, model, tokenizer, **options)
