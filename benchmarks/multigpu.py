@@ -52,7 +52,7 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
 
 
 class _Vocab:
-    """`load_model` asks the tokenizer only for its size and pad id; the benchmark has no tokenizer,
+    """`build_model` asks the tokenizer only for its size and pad id; the benchmark has no tokenizer,
     and a real one would resize the 32,000-row vocabulary."""
 
     pad_token_id = 0
@@ -100,7 +100,7 @@ def worker(name: str, model_dir: str, lengths: list[int], steps: int, warmup: in
     from tunelab import distributed, kernels
     from tunelab.config import build_config
     from tunelab.data.batching import Collator
-    from tunelab.models.build import apply_peft, load_model
+    from tunelab.models.build import apply_peft, build_model, model_options
     from tunelab.models.loading import ModelSource
     from tunelab.trainer import TunelabTrainer, training_arguments
 
@@ -117,8 +117,9 @@ def worker(name: str, model_dir: str, lengths: list[int], steps: int, warmup: in
                   "gradient_checkpointing": True, "logging_steps": 1000, "kernels": kernel_mode},
     })
     distributed.init(cfg)  # before loading: each process loads onto its own GPU
-    model = load_model(cfg, _Vocab(), ModelSource(model_dir))
-    enabled = kernels.apply(model, cfg.train.kernels, sharded=distributed.fsdp_enabled(cfg))  # as load_for_training does
+    sharded = distributed.fsdp_enabled(cfg)
+    model = build_model(ModelSource(model_dir), _Vocab(), **model_options(cfg, sharded=sharded))
+    enabled = kernels.apply(model, cfg.train.kernels, sharded=sharded)  # as load_for_training does
     model = apply_peft(model, cfg.peft, bool(bits), cfg.train.gradient_checkpointing)
     world = distributed.world_size()
     collator = Collator(pad_token_id=0)

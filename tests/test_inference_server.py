@@ -146,8 +146,8 @@ def test_adapters_are_routed_by_model_name(tiny_model_dir, tmp_path):
     from tunelab.inference.backends import build_engine
     from tunelab.inference.base import SamplingParams
     from tunelab.inference.prompts import prompt_ids
-    from tunelab.inference.server import create_app, load_with_adapters
-    from tunelab.models.build import load_for_eval
+    from tunelab.inference.server import create_app
+    from tunelab.models.build import attach_adapters, load_for_eval
 
     for seed, name in enumerate("ab"):
         base, _tok = load_for_eval(str(tiny_model_dir))
@@ -164,7 +164,8 @@ def test_adapters_are_routed_by_model_name(tiny_model_dir, tmp_path):
         engine.close()
     assert expected["a"] != expected["b"]
 
-    model, tok = load_with_adapters(str(tiny_model_dir), {"a": str(tmp_path / "a"), "b": str(tmp_path / "b")})
+    model, tok = load_for_eval(str(tiny_model_dir))
+    model = attach_adapters(model, {"a": str(tmp_path / "a"), "b": str(tmp_path / "b")})
     engine = build_engine("paged", model, tok, kv_budget_tokens=1024)
     try:
         with TestClient(create_app(engine, "base", adapters=["a", "b"])) as http, ThreadPoolExecutor(6) as pool:

@@ -112,7 +112,7 @@ def test_nan_loss_stops_with_the_step(tmp_path, tokenizer, task_dir):
 
 
 def test_adapter_reloads_and_merges_to_the_same_model(tmp_path, tiny_model_dir, task_dir):
-    from tunelab.models.build import load_model, load_tokenizer, merge_and_save
+    from tunelab.models.build import build_model, load_tokenizer, merge_and_save, model_options
     from tunelab.models.loading import resolve
 
     cfg = _cfg(tmp_path, tiny_model_dir, task_dir, "train.max_steps=3", "peft.dropout=0")
@@ -123,7 +123,7 @@ def test_adapter_reloads_and_merges_to_the_same_model(tmp_path, tiny_model_dir, 
     source = resolve(str(run))
     assert source.adapter == run / "adapter"
     reloaded_cfg = _cfg(tmp_path, run, task_dir)
-    reloaded = load_model(reloaded_cfg, load_tokenizer(source), source).eval()
+    reloaded = build_model(source, load_tokenizer(source), **model_options(reloaded_cfg)).eval()
     merged_dir = merge_and_save(str(run), tmp_path / "merged")
     from transformers import AutoModelForCausalLM
 

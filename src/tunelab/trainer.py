@@ -13,14 +13,13 @@ from __future__ import annotations
 import math
 import time
 
-import torch
 from transformers import Trainer, TrainingArguments
 
 from tunelab.config import Config
 from tunelab.distributed import eval_loader, trainer_arguments
 from tunelab.errors import TunelabError
 from tunelab.evals.loss import loss_sums, summarize
-from tunelab.models.build import has_cuda
+from tunelab.models.build import has_cuda, precision
 
 
 class TunelabTrainer(Trainer):
@@ -80,7 +79,7 @@ def training_arguments(cfg: Config, checkpoints: str, report_to: list[str]) -> T
     save_every = t.save_every or t.eval_every
     selects = t.load_best or t.early_stopping is not None
     cuda = has_cuda()
-    bf16 = cuda and t.precision in ("auto", "bf16") and torch.cuda.is_bf16_supported()
+    autocast = precision(t.precision, cfg.model.dtype)
     return TrainingArguments(
         output_dir=checkpoints,
         run_name=cfg.run.name,
@@ -96,8 +95,8 @@ def training_arguments(cfg: Config, checkpoints: str, report_to: list[str]) -> T
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         optim=t.optim,
-        bf16=bf16,
-        fp16=cuda and t.precision == "fp16",
+        bf16=autocast.bf16,
+        fp16=autocast.fp16,
         use_cpu=not cuda,
         logging_steps=t.logging_steps,
         eval_strategy="steps" if t.eval_every else "no",

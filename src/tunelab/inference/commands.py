@@ -155,13 +155,15 @@ def _serve(args) -> None:
     import uvicorn
 
     from tunelab.inference.backends import build_engine, choose_backend
-    from tunelab.inference.server import create_app, load_with_adapters, parse_adapters
+    from tunelab.inference.server import create_app, parse_adapters
+    from tunelab.models.build import attach_adapters, load_for_eval
 
     adapters = parse_adapters(args.adapters)
     backend = "paged" if args.backend == "auto" else choose_backend(args.backend)
     if backend == "vllm":
         raise TunelabError("serve: vLLM has its own OpenAI server (`vllm serve`); tunelab serves with --backend paged or static")
-    model, tokenizer = load_with_adapters(args.target, adapters)
+    model, tokenizer = load_for_eval(args.target)
+    model = attach_adapters(model, adapters)
     options = _engine_options(args) | ({"sampling": True} if backend == "paged" else {})
     engine = build_engine(backend, model, tokenizer, **options)
     app = create_app(engine, args.target, adapters=list(adapters), api_key=args.api_key,

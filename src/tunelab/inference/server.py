@@ -303,28 +303,6 @@ def create_app(engine: Engine, model_name: str, *, adapters: list[str] = (), api
     return app
 
 
-def load_with_adapters(target: str, adapters: dict[str, str]):
-    """(model, tokenizer): `target` as `tunelab eval` loads it, plus named LoRA adapters held by peft."""
-    from tunelab.models.build import load_for_eval
-    from tunelab.models.loading import resolve
-
-    model, tokenizer = load_for_eval(target)
-    if not adapters:
-        return model, tokenizer
-    from peft import PeftModel
-
-    for i, (name, folder) in enumerate(adapters.items()):
-        path = resolve(folder).adapter
-        if path is None:
-            raise TunelabError(f"--adapters {name}={folder}: not a LoRA run or adapter folder (no adapter_config.json)")
-        if i == 0:
-            model = PeftModel.from_pretrained(model, path, adapter_name=name)
-        else:
-            model.load_adapter(path, adapter_name=name)
-    model.base_model.disable_adapter_layers()  # the base model until a request names an adapter
-    return model.eval(), tokenizer
-
-
 def parse_adapters(spec: str | None) -> dict[str, str]:
     """`a=dir,b=dir` → {"a": "dir", "b": "dir"}."""
     out = {}

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from tunelab import kernels
 from tunelab.config import Config, PeftConfig, QuantizationConfig
-from tunelab.distributed import fsdp_enabled
 from tunelab.errors import TunelabError
 from tunelab.models.loading import DEFAULT_CHAT_TEMPLATE, PAD_TOKEN, ModelSource, resolve
 
@@ -20,15 +21,39 @@ def has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def train_dtype(precision: str, dtype: str = "auto") -> torch.dtype:
-    """Weights dtype: explicit `model.dtype` wins; else bf16 on a bf16-capable GPU, fp32 elsewhere."""
-    if dtype != "auto":
-        return getattr(torch, dtype)
-    if precision == "bf16" or (precision == "auto" and has_cuda() and torch.cuda.is_bf16_supported()):
-        return torch.bfloat16
-    if precision == "fp16":
-        return torch.float16
-    return torch.float32
+@dataclass(frozen=True)
+class Precision:
+    """How a run computes, decided in one place: the weights' dtype, and the mixed precision the
+    Trainer autocasts to (None = none: the CPU, fp32, or a GPU without bf16)."""
+
+    dtype: torch.dtype
+    autocast: str | None = None
+
+    @property
+    def bf16(self) -> bool:
+        return self.autocast == "bf16"
+
+    @property
+    def fp16(self) -> bool:
+        return self.autocast == "fp16"
+
+
+def precision(train: str = "auto", model_dtype: str = "auto") -> Precision:
+    """`train.precision` and `model.dtype` → Precision. An explicit model.dtype wins for the
+    weights; else bf16 on a bf16-capable GPU (or when asked), fp16 when asked, fp32 elsewhere.
+    Autocast needs CUDA: bf16 for `auto`/`bf16` where the GPU supports it, fp16 for `fp16`."""
+    cuda = has_cuda()
+    bf16_gpu = cuda and torch.cuda.is_bf16_supported()
+    if model_dtype != "auto":
+        dtype = getattr(torch, model_dtype)
+    elif train == "bf16" or (train == "auto" and bf16_gpu):
+        dtype = torch.bfloat16
+    elif train == "fp16":
+        dtype = torch.float16
+    else:
+        dtype = torch.float32
+    autocast = "bf16" if bf16_gpu and train in ("auto", "bf16") else "fp16" if cuda and train == "fp16" else None
+    return Precision(dtype, autocast)
 
 
 def load_tokenizer(source: ModelSource):
@@ -68,47 +93,61 @@ def quantization_config(q: QuantizationConfig, compute_dtype: torch.dtype, shard
     )
 
 
-def load_model(cfg: Config, tokenizer, source: ModelSource | None = None, auto_class=None, **model_kwargs):
-    """The base model (plus any adapter named by model.name, merged), embeddings sized to the tokenizer.
+AdapterUse = Literal["merge", "continue", "ignore"]
 
-    `auto_class` (default AutoModelForCausalLM) and `model_kwargs` pick another head, e.g. the
-    reward model's AutoModelForSequenceClassification with num_labels=1.
+
+def build_model(source: ModelSource, tokenizer, *, dtype: torch.dtype | str, adapter: AdapterUse = "merge",
+                quantization=None, attn_implementation: str = "sdpa", revision: str | None = None,
+                trust_remote_code: bool = False, auto_class=None, for_generation: bool = False, **model_kwargs):
+    """The one place a model is built from a ModelSource: weights → embeddings sized to the
+    tokenizer → the source's adapter → pad ids → cache setting.
+
+    adapter: what to do with `source.adapter` (a LoRA run named as the model): `merge` folds it
+    into the base (SFT trains a new adapter on top; evaluation and serving run the merged
+    model), `continue` loads it as the trainable adapter (preference tuning keeps one adapter on
+    the original base, and trl's frozen copy of it is the reference), `ignore` leaves it out.
+    quantization: a BitsAndBytesConfig (`quantization_config`) or None; a quantized base cannot
+    have an adapter merged into it. auto_class (default AutoModelForCausalLM) and model_kwargs
+    pick another head, e.g. the reward model's AutoModelForSequenceClassification, num_labels=1.
+    for_generation: keep the KV cache on (training needs it off: a cache disables the
+    packed-sequence detection of transformers' masks).
     """
     from transformers import AutoModelForCausalLM
 
     auto_class = auto_class or AutoModelForCausalLM
-    source = source or resolve(cfg.model.name)
-    dtype = train_dtype(cfg.train.precision, cfg.model.dtype)
-    kwargs = dict(
-        dtype=dtype,
-        attn_implementation=cfg.model.attn_implementation,
-        revision=cfg.model.revision,
-        trust_remote_code=cfg.model.trust_remote_code,
-        quantization_config=quantization_config(cfg.quantization, dtype, sharded=fsdp_enabled(cfg)),
-        **model_kwargs,
-    )
-    if cfg.quantization.bits and has_cuda():
+    kwargs = dict(dtype=dtype, attn_implementation=attn_implementation, revision=revision,
+                  trust_remote_code=trust_remote_code, quantization_config=quantization, **model_kwargs)
+    if quantization is not None and has_cuda():
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     try:
         model = auto_class.from_pretrained(source.path, **kwargs)
     except OSError as err:
-        raise TunelabError(f"model.name={cfg.model.name}: cannot load weights from {source.path}: {err}") from None
+        raise TunelabError(f"model.name: cannot load weights from {source.path}: {err}") from None
     fit_embeddings(model, tokenizer)
-    if source.adapter is not None:  # continue from an earlier LoRA run: fold its adapter in first
-        if cfg.quantization.bits:
-            raise TunelabError(
-                f"model.name={cfg.model.name}: is a LoRA run; merge it first (`tunelab merge`) "
-                "to train a quantized model on top of it"
-            )
+    if source.adapter is not None and adapter != "ignore":
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, source.adapter).merge_and_unload()
+        if adapter == "continue":
+            model = PeftModel.from_pretrained(model, source.adapter, is_trainable=True)
+        elif quantization is not None:
+            raise TunelabError(f"model.name: {source.adapter} is a LoRA run; merge it first (`tunelab merge`) "
+                               "to train a quantized model on top of it")
+        else:
+            model = PeftModel.from_pretrained(model, source.adapter).merge_and_unload()
     model.config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "generation_config", None) is not None:  # a classifier (reward model) has none
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    # A cache in training turns off the packed-sequence detection of transformers' masks.
-    model.config.use_cache = False
+    model.config.use_cache = for_generation
     return model
+
+
+def model_options(cfg: Config, *, sharded: bool = False) -> dict:
+    """build_model's keyword arguments for a training run's model.*, quantization.* and
+    train.precision. sharded: FSDP2 will shard the model (see `quantization_config`)."""
+    m = cfg.model
+    dtype = precision(cfg.train.precision, m.dtype).dtype
+    return dict(dtype=dtype, quantization=quantization_config(cfg.quantization, dtype, sharded=sharded),
+                attn_implementation=m.attn_implementation, revision=m.revision, trust_remote_code=m.trust_remote_code)
 
 
 def fit_embeddings(model, tokenizer) -> None:
@@ -154,11 +193,13 @@ def apply_peft(model, peft: PeftConfig, quantized: bool, gradient_checkpointing:
         raise TunelabError(f"peft.target_modules={peft.target_modules!r}: {err}") from None
 
 
-def load_for_training(cfg: Config):
+def load_for_training(cfg: Config, *, sharded: bool = False):
+    """(model, tokenizer) for SFT: the base (a LoRA run as model.name merged in), the fast path,
+    then a new adapter from peft.* (none for full fine-tuning)."""
     source = resolve(cfg.model.name)
     tokenizer = load_tokenizer(source)
-    model = load_model(cfg, tokenizer, source)
-    kernels.apply(model, cfg.train.kernels, sharded=fsdp_enabled(cfg))
+    model = build_model(source, tokenizer, **model_options(cfg, sharded=sharded))
+    kernels.apply(model, cfg.train.kernels, sharded=sharded)
     model = apply_peft(model, cfg.peft, bool(cfg.quantization.bits), cfg.train.gradient_checkpointing)
     return model, tokenizer
 
@@ -174,39 +215,39 @@ def save_trained(model, tokenizer, run_dir: Path, full: bool, state_dict: dict |
 
 def merge_and_save(name: str, output: Path) -> Path:
     """Fold a LoRA run's adapter into its (unquantized) base and save a plain HF model folder."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
     source = resolve(name)
     if source.adapter is None:
         raise TunelabError(f"merge: {name} is not a LoRA run or adapter folder (no adapter_config.json)")
     tokenizer = load_tokenizer(source)
-    base = AutoModelForCausalLM.from_pretrained(source.path, dtype="auto")
-    fit_embeddings(base, tokenizer)
-    merged = PeftModel.from_pretrained(base, source.adapter).merge_and_unload()
-    merged.config.pad_token_id = tokenizer.pad_token_id
+    merged = build_model(source, tokenizer, dtype="auto", for_generation=True)
     merged.save_pretrained(output)
     tokenizer.save_pretrained(output)
     return output
 
 
 def load_for_eval(name: str):
-    """(model, tokenizer) to evaluate: unquantized, any adapter merged in, fp32 on CPU or bf16 on a
-    bf16 GPU, in eval mode with the KV cache on (training turns it off; generation wants it)."""
-    from transformers import AutoModelForCausalLM
-
+    """(model, tokenizer) to evaluate or serve: unquantized, any adapter merged in, fp32 on CPU or
+    bf16 on a bf16 GPU, on the GPU when there is one, in eval mode with the KV cache on."""
     source = resolve(name)
     tokenizer = load_tokenizer(source)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=train_dtype("auto"))
-    except OSError as err:
-        raise TunelabError(f"{name}: cannot load weights from {source.path}: {err}") from None
-    fit_embeddings(model, tokenizer)
-    if source.adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, source.adapter).merge_and_unload()
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.config.use_cache = True
+    model = build_model(source, tokenizer, dtype=precision().dtype, for_generation=True)
     return model.to("cuda" if has_cuda() else "cpu").eval(), tokenizer
+
+
+def attach_adapters(model, adapters: dict[str, str]):
+    """`model` with named LoRA adapters held by peft (the server switches between them per request),
+    the base model active until a request names one."""
+    if not adapters:
+        return model
+    from peft import PeftModel
+
+    for i, (name, folder) in enumerate(adapters.items()):
+        path = resolve(folder).adapter
+        if path is None:
+            raise TunelabError(f"--adapters {name}={folder}: not a LoRA run or adapter folder (no adapter_config.json)")
+        if i == 0:
+            model = PeftModel.from_pretrained(model, path, adapter_name=name)
+        else:
+            model.load_adapter(path, adapter_name=name)
+    model.base_model.disable_adapter_layers()
+    return model.eval()

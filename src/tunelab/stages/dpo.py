@@ -25,11 +25,13 @@ from tunelab.stages.preference import RunResult, Stage, generation_rows, load_po
 def build(cfg: Config, tokenizer, data, args_for, callbacks):
     from trl import DPOConfig, DPOTrainer
 
-    from tunelab.models.build import load_model
+    from tunelab.models.build import build_model, model_options
+    from tunelab.models.loading import resolve
 
     p = cfg.preference
     model, peft_config = load_policy(cfg, tokenizer)
-    reference = load_model(cfg, tokenizer).eval() if cfg.peft.method == "full" else None
+    full = cfg.peft.method == "full"  # the frozen reference is a second copy of the starting model
+    reference = build_model(resolve(cfg.model.name), tokenizer, **model_options(cfg)).eval() if full else None
     args = args_for(DPOConfig, beta=p.beta, loss_type=[p.loss_type], label_smoothing=p.label_smoothing,
                     max_length=cfg.data.max_length)
     return DPOTrainer(

@@ -18,7 +18,6 @@ import torch
 
 from tunelab.config import Config
 from tunelab.errors import TunelabError
-from tunelab.models.loading import ModelSource
 from tunelab.stages.sft import RunResult, open_run_dir, run_warnings, train, train_stats, write_samples
 from tunelab.tracking.metrics import MetricsCallback, read_jsonl, write_json
 
@@ -61,35 +60,23 @@ def trl_arguments(config_class, cfg: Config, run_dir: Path, report_to: list[str]
     return config_class(**values)
 
 
-def split_source(cfg: Config) -> tuple[ModelSource, ModelSource]:
-    """(the base weights alone, model.name resolved: its `adapter` is the LoRA run to continue, if any).
-
-    A preceding LoRA run (`model.name=runs/<sft run>`) is not merged: its adapter is loaded as the
-    trainable adapter, so QLoRA works on top of it and the result is again one adapter on the
-    original base (loadable by every other command). trl then keeps a frozen copy of that adapter
-    as the reference, i.e. the reference is the SFT model, as DPO and RLHF intend.
-    """
+def load_policy(cfg: Config, tokenizer):
+    """(causal LM, peft_config for trl or None): a fresh adapter comes from peft.*, full
+    fine-tuning has none, and a preceding LoRA run (`model.name=runs/<sft run>`) is continued, not
+    merged: its adapter is the trainable one, so QLoRA works on top of it and the result is again
+    one adapter on the original base. trl then keeps a frozen copy of that adapter as the
+    reference, i.e. the reference is the SFT model, as DPO and RLHF intend."""
+    from tunelab.models.build import build_model, lora_config, model_options
     from tunelab.models.loading import resolve
 
     source = resolve(cfg.model.name)
-    return ModelSource(source.path), source
-
-
-def load_policy(cfg: Config, tokenizer):
-    """(causal LM, peft_config for trl or None): a fresh adapter comes from peft.*, a preceding
-    LoRA run's adapter is continued (see `split_source`), full fine-tuning has none."""
-    from tunelab.models.build import load_model, lora_config
-
-    base, source = split_source(cfg)
-    model = load_model(cfg, tokenizer, base)
+    if source.adapter is not None and cfg.peft.method == "full":
+        raise TunelabError(f"peft.method=full: model.name={cfg.model.name} is a LoRA run; merge it first "
+                           "(`tunelab merge`) to fine-tune all weights on top of it")
+    model = build_model(source, tokenizer, adapter="continue", **model_options(cfg))
     if source.adapter is not None:
-        from peft import PeftModel
-
-        if cfg.peft.method == "full":
-            raise TunelabError(f"peft.method=full: model.name={cfg.model.name} is a LoRA run; merge it first "
-                               "(`tunelab merge`) to fine-tune all weights on top of it")
         log.info("continuing the adapter of %s (its r/alpha/targets; peft.* shapes only new adapters)", source.adapter)
-        return PeftModel.from_pretrained(model, source.adapter, is_trainable=True), None
+        return model, None
     return model, (None if cfg.peft.method == "full" else lora_config(cfg.peft))
 
 

@@ -25,15 +25,17 @@ def load_classifier(cfg: Config, tokenizer):
     with a fresh score head."""
     from transformers import AutoModelForSequenceClassification
 
-    from tunelab.models.build import load_model
+    from tunelab.models.build import build_model, model_options
+    from tunelab.models.loading import resolve
 
-    return load_model(cfg, tokenizer, auto_class=AutoModelForSequenceClassification, num_labels=1)
+    return build_model(resolve(cfg.model.name), tokenizer, auto_class=AutoModelForSequenceClassification,
+                       num_labels=1, **model_options(cfg))
 
 
 def build(cfg: Config, tokenizer, data, args_for, callbacks):
     from trl import RewardConfig, RewardTrainer
 
-    from tunelab.models.build import lora_config, train_dtype
+    from tunelab.models.build import lora_config, precision
 
     args = args_for(RewardConfig, max_length=cfg.data.max_length)
     trainer = RewardTrainer(
@@ -45,7 +47,7 @@ def build(cfg: Config, tokenizer, data, args_for, callbacks):
         # trl 1.16 casts every trainable parameter of a quantized model to bf16 (QLoRA's adapter dtype). LoRA
         # layers cast their input to match, the trained copy of the score head does not: give it the dtype of
         # the hidden states again (a no-op on a bf16 GPU; on the CPU, fp32). Can go once trl casts adapters only.
-        dtype = train_dtype(cfg.train.precision, cfg.model.dtype)
+        dtype = precision(cfg.train.precision, cfg.model.dtype).dtype
         for name, param in trainer.model.named_parameters():
             if param.requires_grad and ".score." in name:
                 param.data = param.data.to(dtype)
@@ -102,15 +104,16 @@ def load_reward_model(run: str):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
-    from tunelab.models.build import load_tokenizer
+    from tunelab.models.build import build_model, load_tokenizer
     from tunelab.models.loading import ModelSource
 
     run_dir = Path(run)
     if problem := reward_run_problem(run):
         raise TunelabError(problem)
     if (run_dir / "model" / "config.json").is_file():  # full fine-tuning
-        tokenizer = load_tokenizer(ModelSource(str(run_dir / "model")))
-        model = AutoModelForSequenceClassification.from_pretrained(run_dir / "model")
+        source = ModelSource(str(run_dir / "model"))
+        tokenizer = load_tokenizer(source)
+        model = build_model(source, tokenizer, dtype="auto", auto_class=AutoModelForSequenceClassification)
     else:
         tokenizer = load_tokenizer(ModelSource(str(run_dir / "adapter")))
         model = PeftModel.from_pretrained(load_classifier(load_config(run_dir / "config.yaml"), tokenizer),

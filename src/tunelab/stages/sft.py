@@ -123,7 +123,7 @@ def train(trainer, resume_from: Path | None) -> dict:
 
 def run(cfg: Config) -> RunResult:
     from tunelab.data.prepare import prepare
-    from tunelab.models.build import load_for_training, save_trained, train_dtype
+    from tunelab.models.build import load_for_training, precision, save_trained
     from tunelab.tracking.plots import plot_metrics
     from tunelab.tracking.report import write_report
     from tunelab.tracking.wandb_setup import finish_wandb, wandb_report_to
@@ -136,7 +136,7 @@ def run(cfg: Config) -> RunResult:
                                 list(cfg.tracking.report_to))  # checks the integrations before the model loads
     set_seed(cfg.run.seed)  # LoRA's A matrices and new embedding rows are drawn from the global RNG
     with distributed.main_process_first():
-        model, tokenizer = load_for_training(cfg)
+        model, tokenizer = load_for_training(cfg, sharded=distributed.fsdp_enabled(cfg))
         data = prepare(cfg.data, tokenizer, cfg.run.seed)
     if is_main():
         write_json(run_dir / "data_stats.json", data.stats)
@@ -164,7 +164,7 @@ def run(cfg: Config) -> RunResult:
     finish_wandb()  # transformers never closes its W&B run; flush it before the report
 
     full = cfg.peft.method == "full"
-    state_dict = distributed.full_state_dict(trainer, train_dtype(cfg.train.precision, cfg.model.dtype) if full else None)
+    state_dict = distributed.full_state_dict(trainer, precision(cfg.train.precision, cfg.model.dtype).dtype if full else None)
     real_tokens = distributed.total(collator.real_tokens)
     if not is_main():
         return RunResult(run_dir, {})
