@@ -72,6 +72,12 @@ def score(predictions: list[str], references: list[str], names: list[str]) -> di
     Keys: the metric's name, or for ``rouge`` its parts ``rouge1``, ``rouge2``, ``rouge_l``
     (same value as the ``rouge_l`` metric) and ``rougeLsum``.
     """
+    return {key: fmean(values) for key, values in per_row(predictions, references, names).items()}
+
+
+def per_row(predictions: list[str], references: list[str], names: list[str]) -> dict[str, list[float]]:
+    """Each named metric's value on every row, under the keys ``score`` reports (the bootstrap
+    intervals and paired tests of ``evals.stats`` resample these)."""
     if len(predictions) != len(references):
         raise ValueError(
             f"{len(predictions)} predictions but {len(references)} references: one each per row"
@@ -81,15 +87,23 @@ def score(predictions: list[str], references: list[str], names: list[str]) -> di
     unknown = [name for name in names if name not in METRICS]
     if unknown:
         raise ValueError(f"unknown metric(s) {unknown}; allowed: {sorted(METRICS)}")
-    means: dict[str, float] = {}
+    values: dict[str, list[float]] = {}
     for name in names:
         rows = [METRICS[name](p, r) for p, r in zip(predictions, references)]
         if isinstance(rows[0], dict):
             for part in rows[0]:
-                means[_result_key(part)] = fmean(row[part] for row in rows)
+                values[_result_key(part)] = [row[part] for row in rows]
         else:
-            means[name] = fmean(rows)
-    return means
+            values[name] = rows
+    return values
+
+
+def metric_of(key: str) -> str | None:
+    """The per-row metric whose ``score`` output holds `key` (``rouge2`` → ``rouge``), or None
+    for keys no per-row metric reports (loss, corpus BLEU, harness accuracies)."""
+    if key in METRICS and key != "rouge":
+        return key
+    return "rouge" if key in result_keys(["rouge"]) else None
 
 
 def result_keys(names: list[str]) -> list[str]:
