@@ -10,6 +10,7 @@ import glob
 import json
 import os
 import pwd
+import re
 import shutil
 import socket
 import subprocess
@@ -113,6 +114,22 @@ def make_project(url: str, tmp_path: Path, *, items: int, k: int = 3, per_item: 
     project.import_files(store, [write_jsonl(tmp_path / "import.jsonl", rows)], list(kinds))
     tokens = {f"r{i}": project.add_reviewer(store, f"r{i}", admin=i == 0) for i in range(reviewers)}
     return store, tokens
+
+
+def csrf_of(html: str) -> str:
+    """The CSRF token of the first form on a page ("" when it has none)."""
+    found = re.search(r'name="csrf" value="([^"]+)"', html)
+    return found.group(1) if found else ""
+
+
+def rank_form(store, aid: int, order: list[int] | None = None) -> dict:
+    """A valid ranking form for an assignment: outputs ranked in item order (or by `order`)."""
+    from tunelab.review.store import Assignment
+
+    with store.read() as s:
+        outputs = s.get(Assignment, aid).item.outputs
+    order = order or list(range(1, len(outputs) + 1))
+    return {f"rank_{o.id}": str(r) for o, r in zip(outputs, order)}
 
 
 @contextmanager

@@ -1,9 +1,14 @@
 """The review app in a real browser (Debian's Chromium, headless, driven by Playwright): sign in,
-rank and score a rubric with the keyboard shortcuts, and watch the admin progress view change."""
+rank and score a rubric with the keyboard shortcuts, watch the admin progress view change, and
+forms from another port of the same host change nothing."""
 
 from __future__ import annotations
 
+import html
 import os
+import threading
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from sqlalchemy import select
@@ -97,3 +102,57 @@ def test_sign_in_rank_score_and_admin_progress(browser, tmp_path):
         scores = {(sc.output_id, sc.criterion_id): sc.score for sc in s.scalars(select(Score))}
     assert ranks == {labels["A"]: 2, labels["B"]: 2, labels["C"]: 1}
     assert len(scores) == 3 * 3 and {v for (_, c), v in scores.items() if c == 1} == {5}
+
+
+@contextmanager
+def _attacker_site(pages: dict[str, str]):
+    """Another origin of the same site: a plain HTTP server on another port of 127.0.0.1."""
+
+    class Pages(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = pages.get(self.path, "").encode()
+            self.send_response(200 if body else 404)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Pages)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+
+
+def _auto_submit(action: str, fields: dict[str, str]) -> str:
+    inputs = "".join(f'<input name="{html.escape(k)}" value="{html.escape(v)}">' for k, v in fields.items())
+    return f'<form method="post" action="{action}">{inputs}</form><script>document.forms[0].submit()</script>'
+
+
+def test_forms_from_another_port_change_nothing(browser, tmp_path):
+    """The probe's attacks: a page on another port of 127.0.0.1 auto-submits a review into the
+    signed-in reviewer's session, then signs the browser in as another reviewer (login CSRF)."""
+    store, tokens = make_project(f"sqlite:///{tmp_path / 'r.db'}", tmp_path, items=1, k=3, per_item=1, reviewers=3)
+    with live_server(store) as url:
+        page, errors = _sign_in(browser, url, tokens["r1"])
+        page.click("#next")
+        page.wait_for_url("**/assignments/*")
+        target = page.url
+        forged = {s.get_attribute("name"): "1" for s in page.query_selector_all("select[data-label]")}
+        attacks = {"/review": _auto_submit(target, forged), "/login": _auto_submit(f"{url}/login", {"token": tokens["r2"]})}
+        with _attacker_site(attacks) as evil:
+            for path in attacks:
+                page.goto(evil + path, wait_until="commit")
+                page.wait_for_url(f"{url}/**")
+                page.wait_for_load_state()
+        with store.read() as s:
+            assert s.scalars(select(Ranking)).all() == []
+        page.goto(target)
+        assert "signed in as r1" in page.inner_text("header")
+        _rank_with_keys(page)  # the reviewer's own form still goes through
+        assert not errors
+    with store.read() as s:
+        assert len(s.scalars(select(Ranking)).all()) == 3

@@ -8,19 +8,13 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import func, select, text
 
-from tests.review_support import db_url, import_rows, make_project, postgres_server, postgres_url, write_jsonl  # noqa: F401
+from tests.review_support import (  # noqa: F401
+    db_url, import_rows, make_project, postgres_server, postgres_url, rank_form, write_jsonl,
+)
 from tunelab.errors import TunelabError
 from tunelab.review import assign, project
-from tunelab.review.store import Assignment, Item, Ranking, Reviewer, Score, Store
+from tunelab.review.store import Assignment, Item, Ranking, Reviewer, Score, Store, hash_token
 from tunelab.review.submit import SubmissionError, labels_for, submit
-
-
-def _rank_form(store, aid, order=None) -> dict:
-    """A valid ranking form for an assignment: outputs ranked in item order (or by `order`)."""
-    with store.read() as s:
-        outputs = s.get(Assignment, aid).item.outputs
-    order = order or list(range(1, len(outputs) + 1))
-    return {f"rank_{o.id}": str(r) for o, r in zip(outputs, order)}
 
 
 def test_tokens_are_stored_hashed_only(tmp_path):
@@ -85,7 +79,7 @@ def test_each_item_goes_to_n_distinct_reviewers(db_url, tmp_path):
             if aid is None:
                 continue
             assert assign.claim(store, rid, rng) == aid  # the open one comes back until submitted
-            submit(store, rid, aid, _rank_form(store, aid))
+            submit(store, rid, aid, rank_form(store, aid))
             with store.read() as s:
                 seen[rid].append(s.get(Assignment, aid).item_id)
             progressed = True
@@ -104,12 +98,12 @@ def test_fewer_reviewers_than_needed(tmp_path):
     store, tokens = make_project(f"sqlite:///{tmp_path / 'r.db'}", tmp_path, items=2, per_item=3, reviewers=2)
     for rid in (1, 2):
         while (aid := assign.claim(store, rid)) is not None:
-            submit(store, rid, aid, _rank_form(store, aid))
+            submit(store, rid, aid, rank_form(store, aid))
     with store.read() as s:
         assert s.scalar(select(func.count(Assignment.id))) == 4  # each item got both, neither twice
 
 
-def test_submission_is_validated_whole_and_saved_once(db_url, tmp_path):
+def test_submission_is_validated_whole(db_url, tmp_path):
     store, _ = make_project(db_url, tmp_path, items=1, kinds=("rubric",))
     aid = assign.claim(store, 1)
     with store.read() as s:
@@ -127,29 +121,70 @@ def test_submission_is_validated_whole_and_saved_once(db_url, tmp_path):
     with store.read() as s:
         assert s.scalar(select(func.count()).select_from(Score)) == 0
     submit(store, 1, aid, dict(form, comment="fine"))
-    with pytest.raises(SubmissionError, match="already submitted"):
-        submit(store, 1, aid, form)
     with store.read() as s:
         assert s.scalar(select(func.count()).select_from(Score)) == 3 * 3
         assert s.get(Assignment, aid).comment == "fine"
 
 
+def _ranks(store, aid) -> dict[str, str]:
+    """The stored ranking of an assignment, in the shape of its form."""
+    with store.read() as s:
+        return {f"rank_{r.output_id}": str(r.rank) for r in s.scalars(select(Ranking).where(Ranking.assignment_id == aid))}
+
+
+def test_a_review_can_be_edited_until_its_item_closes(db_url, tmp_path):
+    """An item closes when it has all its reviews (item.needed done); until then a reviewer's
+    new submission replaces their old one, and the agreement statistics see only the new one."""
+    from tunelab.review import aggregate, report
+
+    store, _ = make_project(db_url, tmp_path, items=1, k=3, per_item=2, reviewers=2)
+    first = assign.claim(store, 1)
+    assert submit(store, 1, first, rank_form(store, first, [1, 2, 3])) is False
+    second = assign.claim(store, 2)
+    reversed_form = rank_form(store, first, [3, 2, 1])
+    assert submit(store, 1, first, {**reversed_form, "comment": "reversed"}) is True
+    assert _ranks(store, first) == reversed_form
+    with store.read() as s:
+        assert s.get(Assignment, first).comment == "reversed"
+    submit(store, 2, second, rank_form(store, second, [3, 2, 1]))  # the item's last review: it closes
+    assert report.summarise(aggregate.load(store))["items"][0]["agreement"] == 1.0  # W of the edited ranks
+    with pytest.raises(SubmissionError, match="closed"):
+        submit(store, 1, first, rank_form(store, first, [1, 2, 3]))
+    assert _ranks(store, first) == reversed_form
+
+
 def test_a_failure_mid_submission_saves_nothing(tmp_path, monkeypatch):
-    """The rows are flushed before the assignment is marked done; a failure there rolls all back."""
+    """The rows are flushed before the assignment is marked done; a failure there rolls all
+    back, for a first submission and for an edit (the old rows stay)."""
     from tunelab.review import submit as submit_module
 
-    store, _ = make_project(f"sqlite:///{tmp_path / 'r.db'}", tmp_path, items=1)
-    aid = assign.claim(store, 1)
+    store, _ = make_project(f"sqlite:///{tmp_path / 'r.db'}", tmp_path, items=2)
+    aid, edited = assign.claim(store, 1), assign.claim(store, 2)
+    kept = rank_form(store, edited, [1, 2, 3])
+    submit(store, 2, edited, kept)
 
     def boom(*_):
         raise RuntimeError("crash after the rankings were written")
 
     monkeypatch.setattr(submit_module, "_mark_done", boom)
     with pytest.raises(RuntimeError):
-        submit(store, 1, aid, _rank_form(store, aid))
+        submit(store, 1, aid, rank_form(store, aid))
+    with pytest.raises(RuntimeError):
+        submit(store, 2, edited, rank_form(store, edited, [3, 2, 1]))
     with store.read() as s:
-        assert s.scalar(select(func.count()).select_from(Ranking)) == 0
         assert not s.get(Assignment, aid).done
+    assert _ranks(store, aid) == {} and _ranks(store, edited) == kept
+
+
+def test_reissue_token_replaces_the_old_one(tmp_path):
+    store, tokens = make_project(f"sqlite:///{tmp_path / 'r.db'}", tmp_path, items=1)
+    new = project.reissue_token(store, "r1")
+    with store.read() as s:
+        hashes = dict(s.execute(select(Reviewer.name, Reviewer.token_hash)).all())
+    assert hashes["r1"] == hash_token(new) and new != tokens["r1"]
+    assert hash_token(tokens["r1"]) not in hashes.values() and hashes["r0"] == hash_token(tokens["r0"])
+    with pytest.raises(TunelabError, match=r"no reviewer named 'r1x'; did you mean 'r1'"):
+        project.reissue_token(store, "r1x")
 
 
 def test_uninitialised_database_says_how_to_fix(tmp_path):
@@ -179,5 +214,5 @@ def test_an_abandoned_claim_goes_back_to_the_pool(tmp_path):
     second = assign.claim(store, 2)
     assert second is not None
     with pytest.raises(SubmissionError, match="is not yours"):
-        submit(store, 1, first, _rank_form(store, first))
-    submit(store, 2, second, _rank_form(store, second))
+        submit(store, 1, first, rank_form(store, first))
+    submit(store, 2, second, rank_form(store, second))

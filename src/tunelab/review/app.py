@@ -1,10 +1,11 @@
 """`tunelab review serve`: the review web app (FastAPI, pages rendered on the server).
 
 Reviewers sign in with their token (kept in an HttpOnly, SameSite=Strict cookie; only its hash
-is stored). Every write — claiming an item, submitting — checks the token. Pages are
-autoescaped and served with a Content-Security-Policy that allows only our own script file,
-so an output that contains `<script>` is shown as text and could not run even if it slipped
-through.
+is stored). Every write — signing in or out, claiming an item, submitting, an admin reissuing a
+token — checks the token, comes from a page of the app (Origin) and carries the form's CSRF
+token (`csrf.py`). Pages are autoescaped and served with a Content-Security-Policy that allows
+only our own script file, so an output that contains `<script>` is shown as text and could not
+run even if it slipped through.
 """
 
 from __future__ import annotations
@@ -13,19 +14,44 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
+from starlette.convertors import Convertor, register_url_convertor
 
-from tunelab.review import assign
+from tunelab.errors import TunelabError
+from tunelab.review import assign, project
+from tunelab.review.csrf import SameOrigin, Tokens, load_secret
 from tunelab.review.pages import asset, render
 from tunelab.review.store import MAX_BODY, MAX_COMMENT, Assignment, Criterion, Reviewer, Store, hash_token
-from tunelab.review.submit import NotYours, SubmissionError, display_order, labels_for, submit
+from tunelab.review.submit import (
+    Closed, NotYours, SubmissionError, display_order, form_values, labels_for, submit,
+)
 
 COOKIE = "tunelab_review"
+LOGIN_COOKIE = "tunelab_login"  # the login form's CSRF nonce
+CLOSED = "This item is closed: it has all its reviews, so they no longer change."
 _HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
                                "frame-ancestors 'none'; form-action 'self'",
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    # Not no-referrer: under it browsers send `Origin: null` with our own form POSTs, and the
+    # Origin check (csrf.SameOrigin) would refuse them. same-origin sends nothing to other sites.
+    "Referrer-Policy": "same-origin",
 }
+
+
+class RowId(Convertor):
+    """Database ids in paths: 1 to 18 digits, so every id fits a 64-bit integer (SQLite
+    raised OverflowError on larger ones); anything else does not match the route: 404."""
+
+    regex = "[0-9]{1,18}"
+
+    def convert(self, value: str) -> int:
+        return int(value)
+
+    def to_string(self, value: int) -> str:
+        return str(value)
+
+
+register_url_convertor("rowid", RowId())
 
 
 class BodyLimit:
@@ -47,7 +73,9 @@ class BodyLimit:
 
 def create_app(store: Store) -> FastAPI:
     app = FastAPI(title="tunelab review", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(SameOrigin)  # both refuse a request before its body is read
     app.add_middleware(BodyLimit)
+    tokens = Tokens(load_secret(store))
 
     @app.middleware("http")
     async def security_headers(request: Request, call_next):
@@ -64,25 +92,56 @@ def create_app(store: Store) -> FastAPI:
     def reviewer_of(request: Request) -> Reviewer | None:
         return reviewer_by(request.cookies.get(COOKIE))
 
-    def page(name: str, reviewer: Reviewer | None, status: int = 200, error: str | None = None, **ctx) -> HTMLResponse:
-        return HTMLResponse(render(name, reviewer=reviewer, error=error, **ctx), status_code=status)
+    def page(request: Request, name: str, reviewer: Reviewer | None, status: int = 200, error: str | None = None,
+             session: str | None = None, **ctx) -> HTMLResponse:
+        """A page; its forms carry the CSRF token of `session` (default: the request's session cookie)."""
+        csrf = tokens.session(session or request.cookies[COOKIE]) if reviewer else ""
+        return HTMLResponse(render(name, reviewer=reviewer, error=error, csrf=csrf, **ctx), status_code=status)
 
-    def denied() -> HTMLResponse:
-        return page("login.html", None, 401, "Sign in with your reviewer token first.")
+    def sign_in(response: Response, token: str) -> Response:
+        response.set_cookie(COOKIE, token, httponly=True, samesite="strict", max_age=30 * 24 * 3600)
+        return response
 
-    def assignment_page(reviewer: Reviewer, assignment_id: int, status: int = 200, error: str | None = None,
-                        values: dict | None = None) -> HTMLResponse:
+    def login_page(request: Request, status: int = 200, error: str | None = None) -> HTMLResponse:
+        """The sign-in form, with its CSRF token bound to a nonce in its own cookie (kept if present)."""
+        nonce = request.cookies.get(LOGIN_COOKIE)
+        if not nonce or len(nonce) > 64:
+            nonce = tokens.new_nonce()
+        response = HTMLResponse(render("login.html", reviewer=None, error=error, csrf=tokens.login(nonce)),
+                                status_code=status)
+        response.set_cookie(LOGIN_COOKIE, nonce, httponly=True, samesite="strict")
+        return response
+
+    def denied(request: Request) -> HTMLResponse:
+        return login_page(request, 401, "Sign in with your reviewer token first.")
+
+    def stale_form(request: Request, reviewer: Reviewer | None) -> HTMLResponse:
+        return page(request, "message.html", reviewer, 403,
+                    title="This form expired or was not sent from this app. Reload the page and try again.")
+
+    async def signed_form(request: Request, reviewer: Reviewer) -> dict[str, str] | None:
+        """The form's text fields when it carries this session's CSRF token, else None."""
+        form = {k: v for k, v in (await request.form()).items() if isinstance(v, str)}
+        return form if tokens.valid(tokens.session(request.cookies[COOKIE]), form.get("csrf")) else None
+
+    def assignment_page(request: Request, reviewer: Reviewer, assignment_id: int, status: int = 200,
+                        error: str | None = None, values: dict | None = None) -> HTMLResponse:
         with store.read() as s:
             a = s.get(Assignment, assignment_id)
             if a is None or a.reviewer_id != reviewer.id:
-                return page("message.html", reviewer, 404, title="No such item for you")
-            if a.done:
-                return page("message.html", reviewer, 409, title="You already submitted this item. Thank you!")
+                return page(request, "message.html", reviewer, 404, title="No such item for you")
+            if a.done and assign.closed(s, a.item):
+                return page(request, "message.html", reviewer, 409, title=CLOSED)
             labels = labels_for(a)
             outputs = [{"id": o.id, "label": labels[o.id], "text": o.text} for o in display_order(a)]
             criteria = s.scalars(select(Criterion).order_by(Criterion.position)).all() if a.item.kind == "rubric" else []
-            return page(f"{a.item.kind}.html", reviewer, status, error, assignment=a, item=a.item, outputs=outputs,
-                        criteria=criteria, values=values or {}, max_comment=MAX_COMMENT)
+            return page(request, f"{a.item.kind}.html", reviewer, status, error, assignment=a, item=a.item,
+                        outputs=outputs, criteria=criteria, values=values or (form_values(s, a) if a.done else {}),
+                        max_comment=MAX_COMMENT, editing=a.done, progress=assign.reviewer_progress(s, reviewer.id))
+
+    def next_item(reviewer: Reviewer) -> RedirectResponse:
+        aid = assign.claim(store, reviewer.id)
+        return RedirectResponse(f"/assignments/{aid}" if aid else "/?notice=done", status_code=303)
 
     @app.get("/static/{name}")
     def static(name: str) -> Response:
@@ -96,21 +155,28 @@ def create_app(store: Store) -> FastAPI:
         return Response(status_code=204)
 
     @app.get("/login", response_class=HTMLResponse)
-    def login_form() -> HTMLResponse:
-        return page("login.html", None)
+    def login_form(request: Request) -> HTMLResponse:
+        return login_page(request)
 
     @app.post("/login")
     async def login(request: Request) -> Response:
-        token = str((await request.form()).get("token") or "").strip()
+        form = await request.form()
+        nonce = request.cookies.get(LOGIN_COOKIE)
+        if not nonce or not tokens.valid(tokens.login(nonce), form.get("csrf")):
+            return login_page(request, 403, "This sign-in form expired or was not sent from this app; sign in here.")
+        token = str(form.get("token") or "").strip()
         reviewer = await run_in_threadpool(reviewer_by, token)
         if reviewer is None:
-            return page("login.html", None, 401, "Unknown token. Check it, or ask the project admin for one.")
-        response = RedirectResponse("/", status_code=303)
-        response.set_cookie(COOKIE, token, httponly=True, samesite="strict", max_age=30 * 24 * 3600)
+            return login_page(request, 401, "Unknown token. Check it, or ask the project admin for one.")
+        response = sign_in(RedirectResponse("/", status_code=303), token)
+        response.delete_cookie(LOGIN_COOKIE)
         return response
 
     @app.post("/logout")
-    def logout() -> Response:
+    async def logout(request: Request) -> Response:
+        reviewer = await run_in_threadpool(reviewer_of, request)
+        if reviewer is not None and await signed_form(request, reviewer) is None:
+            return stale_form(request, reviewer)
         response = RedirectResponse("/login", status_code=303)
         response.delete_cookie(COOKIE)
         return response
@@ -121,39 +187,55 @@ def create_app(store: Store) -> FastAPI:
         if reviewer is None:
             return RedirectResponse("/login", status_code=303)
         with store.read() as s:
-            mine = s.scalars(select(Assignment.done).where(Assignment.reviewer_id == reviewer.id)).all()
+            progress = assign.reviewer_progress(s, reviewer.id)
         notices = {"done": "Nothing left for you to review right now. Thank you!"}
-        return page("home.html", reviewer, done=sum(mine), pending=len(mine) - sum(mine), notice=notices.get(notice))
+        return page(request, "home.html", reviewer, progress=progress, notice=notices.get(notice))
 
     @app.post("/next")
-    def next_item(request: Request) -> Response:
+    async def claim_next(request: Request) -> Response:
+        reviewer = await run_in_threadpool(reviewer_of, request)
+        if reviewer is None:
+            return denied(request)
+        if await signed_form(request, reviewer) is None:
+            return stale_form(request, reviewer)
+        return await run_in_threadpool(next_item, reviewer)
+
+    @app.get("/reviews", response_class=HTMLResponse)
+    def past_reviews(request: Request, notice: str | None = None) -> Response:
         reviewer = reviewer_of(request)
         if reviewer is None:
-            return denied()
-        aid = assign.claim(store, reviewer.id)
-        return RedirectResponse(f"/assignments/{aid}" if aid else "/?notice=done", status_code=303)
+            return RedirectResponse("/login", status_code=303)
+        with store.read() as s:
+            reviews = assign.past_reviews(s, reviewer.id)
+        notices = {"saved": "Your changes are saved."}
+        return page(request, "reviews.html", reviewer, reviews=reviews, notice=notices.get(notice))
 
-    @app.get("/assignments/{assignment_id}", response_class=HTMLResponse)
+    @app.get("/assignments/{assignment_id:rowid}", response_class=HTMLResponse)
     def show(request: Request, assignment_id: int) -> Response:
         reviewer = reviewer_of(request)
         if reviewer is None:
             return RedirectResponse("/login", status_code=303)
-        return assignment_page(reviewer, assignment_id)
+        return assignment_page(request, reviewer, assignment_id)
 
-    @app.post("/assignments/{assignment_id}")
+    @app.post("/assignments/{assignment_id:rowid}")
     async def save(request: Request, assignment_id: int) -> Response:
         reviewer = await run_in_threadpool(reviewer_of, request)
         if reviewer is None:
-            return denied()
-        form = {k: v for k, v in (await request.form()).items() if isinstance(v, str)}
+            return denied(request)
+        form = await signed_form(request, reviewer)
+        if form is None:
+            return stale_form(request, reviewer)
         try:
-            await run_in_threadpool(submit, store, reviewer.id, assignment_id, form)
+            edited = await run_in_threadpool(submit, store, reviewer.id, assignment_id, form)
         except NotYours:
-            return page("message.html", reviewer, 404, title="No such item for you")
+            return page(request, "message.html", reviewer, 404, title="No such item for you")
+        except Closed:
+            return page(request, "message.html", reviewer, 409, title=CLOSED)
         except SubmissionError as err:
-            return await run_in_threadpool(assignment_page, reviewer, assignment_id, 400, f"Not saved: {err}", form)
-        aid = await run_in_threadpool(assign.claim, store, reviewer.id)
-        return RedirectResponse(f"/assignments/{aid}" if aid else "/?notice=done", status_code=303)
+            return await run_in_threadpool(assignment_page, request, reviewer, assignment_id, 400, f"Not saved: {err}", form)
+        if edited:
+            return RedirectResponse("/reviews?notice=saved", status_code=303)
+        return await run_in_threadpool(next_item, reviewer)
 
     @app.get("/admin", response_class=HTMLResponse)
     def admin(request: Request) -> Response:
@@ -161,8 +243,29 @@ def create_app(store: Store) -> FastAPI:
         if reviewer is None:
             return RedirectResponse("/login", status_code=303)
         if not reviewer.admin:
-            return page("message.html", reviewer, 403, title="Only admins see the progress view")
+            return page(request, "message.html", reviewer, 403, title="Only admins see the progress view")
         with store.read() as s:
-            return page("admin.html", reviewer, **assign.progress(s))
+            return page(request, "admin.html", reviewer, **assign.progress(s))
+
+    @app.post("/admin/token")
+    async def reissue(request: Request) -> Response:
+        """A new token for a reviewer who lost theirs, shown once; the old one stops working."""
+        reviewer = await run_in_threadpool(reviewer_of, request)
+        if reviewer is None:
+            return denied(request)
+        if not reviewer.admin:
+            return page(request, "message.html", reviewer, 403, title="Only admins reissue tokens")
+        form = await signed_form(request, reviewer)
+        if form is None:
+            return stale_form(request, reviewer)
+        name = form.get("reviewer", "")
+        try:
+            token = await run_in_threadpool(project.reissue_token, store, name)
+        except TunelabError as err:
+            return page(request, "message.html", reviewer, 404, title=str(err))
+        own = name == reviewer.name  # an admin renewing their own token stays signed in
+        response = page(request, "token.html", reviewer, session=token if own else None, who=name, token=token)
+        response.headers["Cache-Control"] = "no-store"  # shown once: not kept in the browser's cache
+        return sign_in(response, token) if own else response
 
     return app

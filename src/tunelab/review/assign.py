@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from datetime import timedelta
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import Select, delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -27,6 +27,40 @@ ABANDONED_AFTER = timedelta(hours=12)
 
 class LostRace(Exception):
     """Another claim filled the chosen item between our read and our insert; retry."""
+
+
+def _open_to(reviewer_id: int) -> Select:
+    """(item id, needed) of the items the reviewer has not had that still have a free slot."""
+    mine = select(Assignment.item_id).where(Assignment.reviewer_id == reviewer_id)
+    return (select(Item.id, Item.needed).outerjoin(Assignment, Assignment.item_id == Item.id)
+            .where(Item.id.not_in(mine)).group_by(Item.id, Item.needed).having(func.count(Assignment.id) < Item.needed))
+
+
+def closed(s: Session, item: Item) -> bool:
+    """An item closes when it has all its reviews (`item.needed` submitted): from then on its
+    reviews, and the agreement figures and preference pairs computed from them, stay as they
+    are. Until then a reviewer may change their own review (see submit.submit)."""
+    done = s.scalar(select(func.count(Assignment.id)).where(Assignment.item_id == item.id, Assignment.done.is_(True)))
+    return done >= item.needed
+
+
+def reviewer_progress(s: Session, reviewer_id: int) -> dict:
+    """For "item 3 of 6": the reviewer's submitted and open assignments, and their total with
+    the items still open to them (the total drops when other reviewers fill those first)."""
+    done, claimed = s.execute(
+        select(func.count(Assignment.id).filter(Assignment.done.is_(True)), func.count(Assignment.id))
+        .where(Assignment.reviewer_id == reviewer_id)
+    ).one()
+    available = s.scalar(select(func.count()).select_from(_open_to(reviewer_id).subquery()))
+    return {"done": done, "pending": claimed - done, "position": done + 1, "total": claimed + available}
+
+
+def past_reviews(s: Session, reviewer_id: int) -> list[dict]:
+    """The reviewer's submitted reviews, newest first, each saying whether it can still change."""
+    rows = s.scalars(select(Assignment).where(Assignment.reviewer_id == reviewer_id, Assignment.done.is_(True))
+                     .order_by(Assignment.submitted_at.desc(), Assignment.id.desc())).all()
+    return [{"id": a.id, "item": a.item.external_id, "kind": a.item.kind, "submitted_at": a.submitted_at,
+             "closed": closed(s, a.item)} for a in rows]
 
 
 def pending(s: Session, reviewer_id: int) -> Assignment | None:
@@ -45,12 +79,7 @@ def claim_in(s: Session, reviewer_id: int, rng: random.Random) -> Assignment | N
     s.execute(delete(Assignment).where(Assignment.done.is_(False), Assignment.reviewer_id != reviewer_id,
                                        Assignment.created_at < now() - ABANDONED_AFTER))
     count = func.count(Assignment.id)
-    mine = select(Assignment.item_id).where(Assignment.reviewer_id == reviewer_id)
-    open_items = s.execute(
-        select(Item.id, Item.needed).outerjoin(Assignment, Assignment.item_id == Item.id)
-        .where(Item.id.not_in(mine)).group_by(Item.id, Item.needed)
-        .having(count < Item.needed).order_by(count.desc(), Item.id).limit(SPREAD)
-    ).all()
+    open_items = s.execute(_open_to(reviewer_id).order_by(count.desc(), Item.id).limit(SPREAD)).all()
     if not open_items:
         return None
     item_id, needed = rng.choice(open_items)

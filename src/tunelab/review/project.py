@@ -6,6 +6,7 @@ command naming file:line:field, and the rows of one command are written in one t
 
 from __future__ import annotations
 
+import difflib
 import secrets
 from pathlib import Path
 from typing import Literal
@@ -165,11 +166,15 @@ def init(store: Store, rubric: RubricSpec, per_item: int) -> None:
     store.write(setup)
 
 
+def _new_token() -> str:
+    return secrets.token_urlsafe(24)  # 192 random bits
+
+
 def add_reviewer(store: Store, name: str, admin: bool = False) -> str:
     """Create a reviewer and return their login token (shown once; only its hash is stored)."""
     if not 0 < len(name) <= MAX_NAME:
         raise TunelabError(f"reviewer name: 1 to {MAX_NAME} characters, got {len(name)}")
-    token = secrets.token_urlsafe(24)
+    token = _new_token()
 
     def create(s):
         if s.scalar(select(Reviewer.id).where(Reviewer.name == name)) is not None:
@@ -177,6 +182,25 @@ def add_reviewer(store: Store, name: str, admin: bool = False) -> str:
         s.add(Reviewer(name=name, token_hash=hash_token(token), admin=admin))
 
     store.write(create)
+    return token
+
+
+def reissue_token(store: Store, name: str) -> str:
+    """A new login token for a reviewer who lost theirs, returned once like `add_reviewer`'s.
+    The old token stops working at once, and so do the sessions signed in with it (the session
+    cookie is the token). Their reviews stay theirs."""
+    token = _new_token()
+
+    def replace(s):
+        reviewer = s.scalar(select(Reviewer).where(Reviewer.name == name).with_for_update())
+        if reviewer is None:
+            names = s.scalars(select(Reviewer.name)).all()
+            near = difflib.get_close_matches(name, names, n=1)
+            hint = f"did you mean {near[0]!r}?" if near else f"`tunelab review add-reviewer {name}` creates one"
+            raise TunelabError(f"no reviewer named {name!r}; {hint}")
+        reviewer.token_hash = hash_token(token)
+
+    store.write(replace)
     return token
 
 

@@ -1,4 +1,5 @@
-"""Saving a reviewer's ranking or rubric scores: validated whole, then written in one transaction.
+"""Saving a reviewer's ranking or rubric scores: validated whole, then written in one
+transaction; a later save replaces the reviewer's earlier one until the item closes.
 
 Form fields: `rank_<output id>` (1 = best, equal numbers are ties) for rank items,
 `score_<output id>_<criterion id>` for rubric items, and an optional `comment`.
@@ -9,10 +10,11 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from tunelab.errors import TunelabError
+from tunelab.review.assign import closed
 from tunelab.review.store import MAX_COMMENT, Assignment, Criterion, Ranking, Score, Store, now
 
 
@@ -22,6 +24,10 @@ class SubmissionError(TunelabError):
 
 class NotYours(SubmissionError):
     """The assignment does not exist or belongs to another reviewer."""
+
+
+class Closed(SubmissionError):
+    """The reviewer already submitted this item and it has all its reviews now: no more changes."""
 
 
 def _integer(form: Mapping[str, str], key: str, lo: int, hi: int, what: str) -> int:
@@ -55,6 +61,15 @@ def parse(s: Session, assignment: Assignment, form: Mapping[str, str], labels: d
     ]
 
 
+def form_values(s: Session, assignment: Assignment) -> dict[str, str]:
+    """A submitted assignment's saved values as form fields (the inverse of `parse`), to edit it."""
+    rows = [(f"rank_{r.output_id}", r.rank) for r in
+            s.scalars(select(Ranking).where(Ranking.assignment_id == assignment.id))]
+    rows += [(f"score_{sc.output_id}_{sc.criterion_id}", sc.score) for sc in
+             s.scalars(select(Score).where(Score.assignment_id == assignment.id))]
+    return {key: str(value) for key, value in rows} | {"comment": assignment.comment or ""}
+
+
 def labels_for(assignment: Assignment) -> dict[int, str]:
     """Output id -> the letter the reviewer sees (A, B, ...), in this assignment's shuffled order."""
     return {o.id: chr(ord("A") + i) for i, o in enumerate(display_order(assignment))}
@@ -73,21 +88,29 @@ def _mark_done(assignment: Assignment, comment: str | None) -> None:
     assignment.submitted_at = now()
 
 
-def submit(store: Store, reviewer_id: int, assignment_id: int, form: Mapping[str, str]) -> None:
-    """Validate and save one submission atomically; a second submission of the same assignment
-    is refused (the row is locked first, so two racing submits cannot both pass the check)."""
+def submit(store: Store, reviewer_id: int, assignment_id: int, form: Mapping[str, str]) -> bool:
+    """Validate and save one submission atomically; True when it replaced the reviewer's earlier
+    one (an edit: old rows out, new rows in, in the same transaction), refused once the item has
+    closed. The assignment row is locked first, so two racing saves of it run one after the other.
+    `submitted_at` is the latest save's time."""
     comment = (form.get("comment") or "").strip() or None
     if comment is not None and len(comment) > MAX_COMMENT:
         raise SubmissionError(f"comment: at most {MAX_COMMENT} characters, got {len(comment)}")
 
-    def save(s: Session) -> None:
+    def save(s: Session) -> bool:
         assignment = s.scalar(select(Assignment).where(Assignment.id == assignment_id).with_for_update())
         if assignment is None or assignment.reviewer_id != reviewer_id:
             raise NotYours(f"assignment {assignment_id} is not yours")
-        if assignment.done:
-            raise SubmissionError("this item was already submitted")
-        s.add_all(parse(s, assignment, form, labels_for(assignment)))
+        edit = assignment.done
+        if edit and closed(s, assignment.item):
+            raise Closed("this item is closed: it has all its reviews")
+        rows = parse(s, assignment, form, labels_for(assignment))
+        if edit:
+            for table in (Ranking, Score):
+                s.execute(delete(table).where(table.assignment_id == assignment.id))
+        s.add_all(rows)
         s.flush()
         _mark_done(assignment, comment)
+        return edit
 
-    store.write(save)
+    return store.write(save)
