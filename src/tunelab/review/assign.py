@@ -13,7 +13,7 @@ from datetime import timedelta
 
 from sqlalchemy import Select, delete, func, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, joinedload
 
 from tunelab.review.store import Assignment, Item, Reviewer, Store, now
 
@@ -40,8 +40,14 @@ def closed(s: Session, item: Item) -> bool:
     """An item closes when it has all its reviews (`item.needed` submitted): from then on its
     reviews, and the agreement figures and preference pairs computed from them, stay as they
     are. Until then a reviewer may change their own review (see submit.submit)."""
-    done = s.scalar(select(func.count(Assignment.id)).where(Assignment.item_id == item.id, Assignment.done.is_(True)))
-    return done >= item.needed
+    return _submitted(s, select(Item.id).where(Item.id == item.id)).get(item.id, 0) >= item.needed
+
+
+def _submitted(s: Session, item_ids: Select) -> dict[int, int]:
+    """Item id -> number of submitted reviews, for the items `item_ids` selects."""
+    return dict(s.execute(select(Assignment.item_id, func.count(Assignment.id))
+                          .where(Assignment.item_id.in_(item_ids), Assignment.done.is_(True))
+                          .group_by(Assignment.item_id)).all())
 
 
 def reviewer_progress(s: Session, reviewer_id: int) -> dict:
@@ -57,10 +63,13 @@ def reviewer_progress(s: Session, reviewer_id: int) -> dict:
 
 def past_reviews(s: Session, reviewer_id: int) -> list[dict]:
     """The reviewer's submitted reviews, newest first, each saying whether it can still change."""
-    rows = s.scalars(select(Assignment).where(Assignment.reviewer_id == reviewer_id, Assignment.done.is_(True))
+    mine = select(Assignment.item_id).where(Assignment.reviewer_id == reviewer_id)
+    submitted = _submitted(s, mine)
+    rows = s.scalars(select(Assignment).options(joinedload(Assignment.item))
+                     .where(Assignment.reviewer_id == reviewer_id, Assignment.done.is_(True))
                      .order_by(Assignment.submitted_at.desc(), Assignment.id.desc())).all()
     return [{"id": a.id, "item": a.item.external_id, "kind": a.item.kind, "submitted_at": a.submitted_at,
-             "closed": closed(s, a.item)} for a in rows]
+             "closed": submitted[a.item_id] >= a.item.needed} for a in rows]
 
 
 def pending(s: Session, reviewer_id: int) -> Assignment | None:
