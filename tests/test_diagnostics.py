@@ -2,7 +2,7 @@
 
 import json
 
-from tunelab.stages.sft import run_warnings
+from tunelab.lifecycle import run_warnings
 from tunelab.tracking.diagnostics import describe, overfitting
 from tunelab.tracking.report import write_report
 

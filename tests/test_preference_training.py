@@ -123,3 +123,17 @@ def test_rl_checks_its_settings_before_loading(tmp_path, tiny_model_dir, marker_
         assert field in str(err.value)
     with pytest.raises(TunelabError, match="is not a finished `tunelab reward` run folder"):
         rl.run(_cfg(tmp_path / "run2", tiny_model_dir, marker_pairs, f"preference.reward_model={tmp_path}"))
+
+
+@pytest.mark.parametrize("stage", [reward, dpo, rl])
+def test_preference_stages_refuse_several_processes_before_writing(stage, tmp_path, monkeypatch):
+    """Under torchrun (WORLD_SIZE > 1) reward/dpo/rl stop with a message and leave no run folder,
+    instead of every rank writing the same folder."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    from tunelab import lifecycle
+
+    cfg = _cfg(tmp_path / "run", "nowhere", "nowhere")
+    with pytest.raises(TunelabError, match=f"tunelab {stage.STAGE.name} runs on one process, but 2 were started"):
+        lifecycle.run(cfg, stage.STAGE)
+    assert not (tmp_path / "run").exists()

@@ -10,8 +10,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
+from pathlib import Path
 
 from transformers import Trainer, TrainingArguments
 
@@ -117,3 +119,24 @@ def training_arguments(cfg: Config, checkpoints: str, report_to: list[str]) -> T
         disable_tqdm=False,
         **trainer_arguments(cfg),  # FSDP2 or DDP settings when several processes run
     )
+
+
+def stage_arguments(config_class, cfg: Config, run_dir: Path, report_to: list[str], **extra):
+    """A stage's trainer arguments for these train.* settings: TrainingArguments for SFT, or a trl
+    config (DPOConfig, RewardConfig, RLOOConfig) holding exactly the same values plus the stage's
+    own `extra` fields.
+
+    trl's configs change some transformers defaults (gradient checkpointing on, bf16 on, logging
+    every 10 steps); copying every field over keeps one meaning for each train.* key.
+    """
+    base = training_arguments(cfg, str(run_dir / "checkpoints"), report_to)
+    if config_class is TrainingArguments and not extra:
+        return base
+    values = {f.name: getattr(base, f.name) for f in dataclasses.fields(base) if f.init}
+    if config_class is not TrainingArguments:
+        values.update(
+            gradient_checkpointing=cfg.train.gradient_checkpointing,
+            train_sampling_strategy="random",  # length grouping needs SFT's `length` column
+            label_names=[],  # trl's trainers compute their own losses; there is no labels column
+        )
+    return config_class(**values | extra)

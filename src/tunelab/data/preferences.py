@@ -26,6 +26,11 @@ class PreferenceData:
     train: Dataset  # prompt, chosen, rejected
     eval: Dataset
     stats: dict = field(default_factory=dict)
+    test_examples: None = None  # nothing is held out for `tunelab eval` (SFT's PreparedData has it)
+
+    def generation_rows(self) -> list[dict]:
+        """Validation pairs as chat examples ending on the chosen answer (the reference to compare with)."""
+        return [{"messages": p + c} for p, c in zip(self.eval["prompt"], self.eval["chosen"])]
 
 
 def pair_lengths(batch: dict[str, list], tokenizer) -> dict[str, list[int]]:

@@ -204,6 +204,23 @@ def load_for_training(cfg: Config, *, sharded: bool = False):
     return model, tokenizer
 
 
+def load_policy(cfg: Config, tokenizer):
+    """(causal LM, peft_config for trl or None): a fresh adapter comes from peft.*, full
+    fine-tuning has none, and a preceding LoRA run (`model.name=runs/<sft run>`) is continued, not
+    merged: its adapter is the trainable one, so QLoRA works on top of it and the result is again
+    one adapter on the original base. trl then keeps a frozen copy of that adapter as the
+    reference, i.e. the reference is the SFT model, as DPO and RLHF intend."""
+    source = resolve(cfg.model.name)
+    if source.adapter is not None and cfg.peft.method == "full":
+        raise TunelabError(f"peft.method=full: model.name={cfg.model.name} is a LoRA run; merge it first "
+                           "(`tunelab merge`) to fine-tune all weights on top of it")
+    model = build_model(source, tokenizer, adapter="continue", **model_options(cfg))
+    if source.adapter is not None:
+        log.info("continuing the adapter of %s (its r/alpha/targets; peft.* shapes only new adapters)", source.adapter)
+        return model, None
+    return model, (None if cfg.peft.method == "full" else lora_config(cfg.peft))
+
+
 def save_trained(model, tokenizer, run_dir: Path, full: bool, state_dict: dict | None = None) -> Path:
     """Adapter (or full model) plus the tokenizer, so inference renders and pads exactly as training did.
     `state_dict`: the weights gathered from FSDP shards (the model's own are only this rank's part)."""

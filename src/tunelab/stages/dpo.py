@@ -1,7 +1,7 @@
 """`tunelab dpo RECIPE`: direct preference optimisation (Rafailov et al. 2023) with trl's DPOTrainer.
 
 LoRA/QLoRA: the reference is the starting model — the base with the adapter disabled for a fresh
-adapter, or a frozen copy of the adapter when continuing a LoRA run (see `preference.load_policy`);
+adapter, or a frozen copy of the adapter when continuing a LoRA run (see `models.build.load_policy`);
 full fine-tuning gets a second, frozen copy. Held-out metrics before and after, computed exactly
 over every validation pair (trl's evaluation averages per-batch means):
 
@@ -18,17 +18,19 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from tunelab import lifecycle
 from tunelab.config import Config
-from tunelab.stages.preference import RunResult, Stage, generation_rows, load_policy, pair_metrics, run_stage
+from tunelab.evals.pairs import pair_metrics
+from tunelab.lifecycle import Loaded, RunResult
 
 
-def build(cfg: Config, tokenizer, data, args_for, callbacks):
+def build(cfg: Config, loaded: Loaded, args_for, callbacks):
     from trl import DPOConfig, DPOTrainer
 
-    from tunelab.models.build import build_model, model_options
+    from tunelab.models.build import build_model, load_policy, model_options
     from tunelab.models.loading import resolve
 
-    p = cfg.preference
+    p, tokenizer, data = cfg.preference, loaded.tokenizer, loaded.data
     model, peft_config = load_policy(cfg, tokenizer)
     full = cfg.peft.method == "full"  # the frozen reference is a second copy of the starting model
     reference = build_model(resolve(cfg.model.name), tokenizer, **model_options(cfg)).eval() if full else None
@@ -74,7 +76,7 @@ def answer_logps(trainer) -> dict[str, torch.Tensor]:
     return {key: torch.cat(values, dim=1).cpu() for key, values in parts.items()}  # (2, pairs): chosen, rejected
 
 
-def evaluate(trainer, cfg: Config, data, label: str) -> tuple[dict, list[dict]]:
+def measure(trainer, cfg: Config, loaded: Loaded, label: str) -> tuple[dict, list[dict]]:
     from tunelab.evals.generation import generation_eval
 
     logps = answer_logps(trainer)
@@ -83,16 +85,18 @@ def evaluate(trainer, cfg: Config, data, label: str) -> tuple[dict, list[dict]]:
     mean_logp = logps["policy"] / logps["tokens"].clamp(min=1)
     metrics["logp_accuracy"] = pair_metrics(mean_logp[0] - mean_logp[1])["accuracy"]
     task, rows = generation_eval(
-        trainer.model, trainer.processing_class, generation_rows(data), cfg.eval.generation_samples,
+        trainer.model, trainer.processing_class, loaded.data.generation_rows(), cfg.eval.generation_samples,
         cfg.eval.metrics, cfg.eval.max_new_tokens, cfg.eval.batch_size, desc=f"generating ({label})",
     )
     return {**metrics, **task}, rows
 
 
-STAGE = Stage(
+STAGE = lifecycle.Stage(
     name="dpo",
+    load=lifecycle.load_pairs,
     build=build,
-    evaluate=evaluate,
+    measure=measure,
+    perplexity=False,
     curves={
         "rewards": ("Implicit rewards", {"rewards/chosen": "chosen", "rewards/rejected": "rejected",
                                          "rewards/margins": "margin", "eval_rewards/margins": "margin (validation)"}),
@@ -102,4 +106,4 @@ STAGE = Stage(
 
 
 def run(cfg: Config) -> RunResult:
-    return run_stage(cfg, STAGE)
+    return lifecycle.run(cfg, STAGE)

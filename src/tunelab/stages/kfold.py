@@ -21,6 +21,7 @@ import yaml
 
 from tunelab.config import Config, build_config, set_path
 from tunelab.errors import TunelabError
+from tunelab.lifecycle import last_checkpoint
 from tunelab.stages import sft
 from tunelab.tracking.metrics import write_json
 from tunelab.tracking.report import lower_is_better, write_kfold_report
@@ -56,7 +57,7 @@ def fold_config(cfg: Config, params: dict, folds: int, fold: int, parent: Path) 
     settings = {
         **params, "data.folds": folds, "data.fold": fold, "run.dir": str(folder),
         "run.name": f"{cfg.run.name}-{relative.as_posix().replace('/', '-')}",
-        "train.resume": sft.last_checkpoint(folder) is not None,
+        "train.resume": last_checkpoint(folder) is not None,
     }
     for key, value in settings.items():
         set_path(data, key.split("."), value)

@@ -9,38 +9,25 @@ Reports held-out pairwise accuracy before and after; `tunelab rl` loads the resu
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 from tqdm.auto import tqdm
 
-from tunelab.config import Config, load_config
-from tunelab.errors import TunelabError
-from tunelab.stages.preference import RunResult, Stage, pair_metrics, run_stage
+from tunelab import lifecycle
+from tunelab.config import Config
+from tunelab.evals.pairs import pair_metrics
+from tunelab.lifecycle import Loaded, RunResult
 
 
-def load_classifier(cfg: Config, tokenizer):
-    """The base (a preceding LoRA run merged in: a classifier cannot continue a causal-LM adapter)
-    with a fresh score head."""
-    from transformers import AutoModelForSequenceClassification
-
-    from tunelab.models.build import build_model, model_options
-    from tunelab.models.loading import resolve
-
-    return build_model(resolve(cfg.model.name), tokenizer, auto_class=AutoModelForSequenceClassification,
-                       num_labels=1, **model_options(cfg))
-
-
-def build(cfg: Config, tokenizer, data, args_for, callbacks):
+def build(cfg: Config, loaded: Loaded, args_for, callbacks):
     from trl import RewardConfig, RewardTrainer
 
     from tunelab.models.build import lora_config, precision
+    from tunelab.models.reward_model import load_classifier
 
     args = args_for(RewardConfig, max_length=cfg.data.max_length)
     trainer = RewardTrainer(
-        model=load_classifier(cfg, tokenizer), args=args, train_dataset=data.train, eval_dataset=data.eval,
-        processing_class=tokenizer, callbacks=callbacks,
+        model=load_classifier(cfg, loaded.tokenizer), args=args, train_dataset=loaded.data.train,
+        eval_dataset=loaded.data.eval, processing_class=loaded.tokenizer, callbacks=callbacks,
         peft_config=None if cfg.peft.method == "full" else lora_config(cfg.peft, task_type="SEQ_CLS"),
     )
     if cfg.quantization.bits:
@@ -70,14 +57,16 @@ def pair_margins(trainer) -> torch.Tensor:
     return torch.cat(margins).cpu()
 
 
-def evaluate(trainer, cfg: Config, data, label: str) -> tuple[dict, list[dict]]:
+def measure(trainer, cfg: Config, loaded: Loaded, label: str) -> tuple[dict, list[dict]]:
     return pair_metrics(pair_margins(trainer)), []
 
 
-STAGE = Stage(
+STAGE = lifecycle.Stage(
     name="reward",
+    load=lifecycle.load_pairs,
     build=build,
-    evaluate=evaluate,
+    measure=measure,
+    perplexity=False,
     curves={
         "accuracy": ("Pairwise accuracy", {"accuracy": "train", "eval_accuracy": "validation"}),
         "margin": ("Reward margin", {"margin": "train", "eval_margin": "validation"}),
@@ -86,39 +75,4 @@ STAGE = Stage(
 
 
 def run(cfg: Config) -> RunResult:
-    return run_stage(cfg, STAGE)
-
-
-def reward_run_problem(run: str) -> str | None:
-    """Why `run` cannot serve as preference.reward_model, or None."""
-    summary = Path(run) / "summary.json"
-    if not summary.is_file() or json.loads(summary.read_text()).get("command") != "reward":
-        return (f"preference.reward_model: {run} is not a finished `tunelab reward` run folder (no summary.json "
-                "written by tunelab reward); train one with `tunelab reward recipes/reward.yaml`")
-    return None
-
-
-def load_reward_model(run: str):
-    """(reward model in eval mode, its tokenizer) from a `tunelab reward` run folder, built as that
-    run built it: its config's base (with any LoRA run merged), then its adapter and score head."""
-    from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification
-
-    from tunelab.models.build import build_model, load_tokenizer
-    from tunelab.models.loading import ModelSource
-
-    run_dir = Path(run)
-    if problem := reward_run_problem(run):
-        raise TunelabError(problem)
-    if (run_dir / "model" / "config.json").is_file():  # full fine-tuning
-        source = ModelSource(str(run_dir / "model"))
-        tokenizer = load_tokenizer(source)
-        model = build_model(source, tokenizer, dtype="auto", auto_class=AutoModelForSequenceClassification)
-    else:
-        tokenizer = load_tokenizer(ModelSource(str(run_dir / "adapter")))
-        model = PeftModel.from_pretrained(load_classifier(load_config(run_dir / "config.yaml"), tokenizer),
-                                          run_dir / "adapter")
-        if not getattr(model, "is_loaded_in_4bit", False) and not getattr(model, "is_loaded_in_8bit", False):
-            model = model.merge_and_unload()  # one plain classifier: faster, and what trl expects
-    model.config.pad_token_id = tokenizer.pad_token_id
-    return model.eval().requires_grad_(False), tokenizer
+    return lifecycle.run(cfg, STAGE)

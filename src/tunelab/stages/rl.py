@@ -10,7 +10,7 @@ group's reward std, which magnifies reward-model noise whenever a group's comple
 alike, and puts the KL term in the loss rather than in the reward.
 
 The reward model is the `tunelab reward` run named by preference.reward_model, rebuilt exactly as
-trained (`reward.load_reward_model`); trl scores prompt + completion rendered with its chat
+trained (`models.reward_model.load_reward_model`); trl scores prompt + completion rendered with its chat
 template, as the reward model was trained. Per step, metrics.jsonl gets the mean reward and the
 KL to the reference (the starting policy); before/after, the mean reward of greedy completions
 for the validation prompts.
@@ -20,14 +20,15 @@ from __future__ import annotations
 
 import torch
 
+from tunelab import lifecycle
 from tunelab.config import Config
 from tunelab.errors import TunelabError
-from tunelab.stages.preference import RunResult, Stage, generation_rows, load_policy, run_stage
+from tunelab.lifecycle import Loaded, RunResult
 
 
 def check(cfg: Config) -> None:
     """What rl needs beyond the schema, before any model loads."""
-    from tunelab.stages.reward import reward_run_problem
+    from tunelab.models.reward_model import reward_run_problem
 
     p, t = cfg.preference, cfg.train
     problems = []
@@ -48,19 +49,20 @@ def check(cfg: Config) -> None:
         raise TunelabError("invalid config for tunelab rl:\n  - " + "\n  - ".join(problems))
 
 
-def build(cfg: Config, tokenizer, data, args_for, callbacks):
+def build(cfg: Config, loaded: Loaded, args_for, callbacks):
     from trl import RLOOConfig, RLOOTrainer
 
-    from tunelab.stages.reward import load_reward_model
+    from tunelab.models.build import load_policy
+    from tunelab.models.reward_model import load_reward_model
 
     p = cfg.preference
     reward_model, reward_tokenizer = load_reward_model(p.reward_model)
-    model, peft_config = load_policy(cfg, tokenizer)
+    model, peft_config = load_policy(cfg, loaded.tokenizer)
     args = args_for(RLOOConfig, beta=p.kl_coef, num_generations=p.num_generations,
                     max_completion_length=p.max_new_tokens, temperature=p.temperature, remove_unused_columns=False)
     return RLOOTrainer(
-        model=model, reward_funcs=reward_model, args=args, train_dataset=data.train.select_columns(["prompt"]),
-        processing_class=tokenizer, reward_processing_classes=reward_tokenizer, callbacks=callbacks,
+        model=model, reward_funcs=reward_model, args=args, train_dataset=loaded.data.train.select_columns(["prompt"]),
+        processing_class=loaded.tokenizer, reward_processing_classes=reward_tokenizer, callbacks=callbacks,
         peft_config=peft_config,
     )
 
@@ -81,10 +83,10 @@ def rewards(trainer, prompts: list[list[dict]], completions: list[str], batch_si
     return torch.cat(scores)
 
 
-def evaluate(trainer, cfg: Config, data, label: str) -> tuple[dict, list[dict]]:
+def measure(trainer, cfg: Config, loaded: Loaded, label: str) -> tuple[dict, list[dict]]:
     from tunelab.evals.generation import generation_eval
 
-    examples = generation_rows(data)
+    examples = loaded.data.generation_rows()
     task, rows = generation_eval(
         trainer.model, trainer.processing_class, examples, cfg.eval.generation_samples, cfg.eval.metrics,
         cfg.preference.max_new_tokens, cfg.eval.batch_size, desc=f"generating ({label})",
@@ -94,10 +96,12 @@ def evaluate(trainer, cfg: Config, data, label: str) -> tuple[dict, list[dict]]:
     return {"reward": scores.mean().item(), **task}, rows
 
 
-STAGE = Stage(
+STAGE = lifecycle.Stage(
     name="rl",
+    load=lifecycle.load_pairs,
     build=build,
-    evaluate=evaluate,
+    measure=measure,
+    perplexity=False,
     curves={
         "reward": ("Reward", {"reward": "mean reward of the sampled completions"}),
         "kl": ("KL to the reference", {"kl": "per token"}),
@@ -107,4 +111,4 @@ STAGE = Stage(
 
 def run(cfg: Config) -> RunResult:
     check(cfg)
-    return run_stage(cfg, STAGE)
+    return lifecycle.run(cfg, STAGE)

@@ -1,0 +1,280 @@
+"""The run lifecycle every training command goes through (`train`, `reward`, `dpo`, `rl`).
+
+processes → run folder → trackers → seed → model, tokenizer and data → trainer → evaluate
+before (once; a resumed run reuses it) → train → evaluate after → gather shards → save →
+samples, summary, plots, report. A stage (`stages/sft.py`, `reward.py`, `dpo.py`, `rl.py`)
+brings only what differs, as a `Stage`: how it loads, which trainer it builds, what "better"
+means for it. Everything that depends on the number of processes lives here, once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tunelab import distributed
+from tunelab.config import Config, dump_config
+from tunelab.distributed import is_main
+from tunelab.errors import TunelabError
+from tunelab.tracking.metrics import MetricsCallback, read_jsonl, write_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    """What every command's `run(config)` returns: the folder it wrote and its summary."""
+
+    run_dir: Path
+    summary: dict
+
+
+@dataclass
+class Loaded:
+    """What a stage loaded: the tokenizer and its data (`train`/`eval` datasets for the trainer,
+    `stats`, and `test_examples` held out for `tunelab eval`, or None); `model` when the stage
+    built it up front (SFT), else the stage's `build` does."""
+
+    tokenizer: Any
+    data: Any
+    model: Any = None
+
+
+def load_pairs(cfg: Config, sharded: bool = False) -> Loaded:
+    """`Stage.load` of the stages that train on preference pairs (reward, dpo, rl): the model's
+    tokenizer and the validated, split, length-checked pairs; their models come in `build`."""
+    from tunelab.data.preferences import load_preferences
+    from tunelab.models.build import load_tokenizer
+    from tunelab.models.loading import resolve
+
+    tokenizer = load_tokenizer(resolve(cfg.model.name))
+    return Loaded(tokenizer, load_preferences(cfg, tokenizer))
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One training command, for `run`.
+
+    load(cfg, sharded) → Loaded (sharded: FSDP2 will shard the model).
+    build(cfg, loaded, args_for, callbacks) → the trainer; `args_for(ConfigClass, **extra)` gives
+    that trainer's arguments from the run's train.* settings (`trainer.stage_arguments`).
+    measure(trainer, cfg, loaded, label) → (metrics for the before/after table, sample rows).
+    speed(trainer, runtime_s) → extra `train` numbers for the summary (tokens/s, padding).
+    curves: extra plots, name → (title, {metrics.jsonl key: legend label}).
+    multi_process: the stage runs under several processes (torchrun, `--nproc`); others refuse.
+    perplexity: its loss is a token cross-entropy, so metrics.jsonl gets exp(loss) too.
+    """
+
+    name: str
+    load: Callable[[Config, bool], Loaded]
+    build: Callable
+    measure: Callable[[Any, Config, Loaded, str], tuple[dict, list[dict]]]
+    speed: Callable[[Any, float], dict] | None = None
+    curves: dict[str, tuple[str, dict[str, str]]] = field(default_factory=dict)
+    multi_process: bool = False
+    perplexity: bool = True
+
+
+def last_checkpoint(run_dir: Path) -> Path | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    ckpt = run_dir / "checkpoints"
+    return Path(found) if ckpt.is_dir() and (found := get_last_checkpoint(str(ckpt))) else None
+
+
+def open_run_dir(cfg: Config) -> tuple[Path, Path | None]:
+    """Create the run folder; refuse to mix a new run into an old one unless resuming."""
+    run_dir = cfg.run.path
+    resume_from = last_checkpoint(run_dir)
+    if cfg.train.resume and resume_from is None:
+        raise TunelabError(f"--resume: {run_dir} has no checkpoint to resume from (checkpoints/checkpoint-N)")
+    if not cfg.train.resume and (resume_from or (run_dir / "summary.json").exists()):
+        raise TunelabError(
+            f"run folder {run_dir} already holds a run; pass --resume to continue it, "
+            "or choose another run.name / run.dir"
+        )
+    if not is_main():  # under several processes, rank 0 alone writes the run folder
+        return run_dir, resume_from
+    if not cfg.train.resume:  # a run killed before its first checkpoint starts over: drop what it logged
+        for stale in ("metrics.jsonl", "eval_before.json"):
+            (run_dir / stale).unlink(missing_ok=True)
+    (run_dir / "plots").mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    return run_dir, resume_from
+
+
+def check_processes(cfg: Config, stage: Stage) -> None:
+    """Join the process group (torchrun / accelerate launch / `--nproc`), or refuse it for a stage
+    that runs on one process only, before anything is written."""
+    processes = distributed.world_size()
+    if processes > 1 and not stage.multi_process:
+        raise TunelabError(
+            f"tunelab {stage.name} runs on one process, but {processes} were started (torchrun or "
+            f"accelerate launch); run `tunelab {stage.name} RECIPE` directly (several GPUs: `tunelab train --nproc N`)"
+        )
+    distributed.init(cfg)
+
+
+def peak_memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+
+
+def train(trainer, resume_from: Path | None) -> dict:
+    from transformers import set_seed
+
+    # The shuffle order is drawn from the global RNG when training starts; re-seed so it does not
+    # depend on what ran before (the before-evaluation, which a resumed run skips).
+    set_seed(trainer.args.seed)
+    start = time.time()
+    try:
+        output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except torch.OutOfMemoryError:
+        raise TunelabError(
+            f"out of memory at step {trainer.state.global_step + 1}; the last checkpoint is kept in "
+            f"{trainer.args.output_dir}. Lower train.batch_size (raise train.grad_accum to keep the batch), "
+            "lower data.max_length, set train.gradient_checkpointing=true, or use quantization.bits=4 (QLoRA)."
+        ) from None
+    return {"runtime_s": time.time() - start, "train_loss": output.training_loss}
+
+
+def measure_before(stage: Stage, trainer, cfg: Config, loaded: Loaded, run_dir: Path):
+    """The untouched model's metrics, measured once and kept, so a resumed run reuses them.
+
+    Returns (metrics, rows), or — under FSDP2, which shards the model only inside `train()` —
+    a callback whose `.result` holds them once training has begun."""
+    saved = run_dir / "eval_before.json"
+    if saved.exists():
+        kept = json.loads(saved.read_text())
+        return kept["metrics"], kept["rows"]
+    if not cfg.eval.before:
+        return {}, []
+
+    def measure():
+        metrics, rows = stage.measure(trainer, cfg, loaded, "before")
+        if is_main():
+            write_json(saved, {"metrics": metrics, "rows": rows})
+        return metrics, rows
+
+    if distributed.fsdp_enabled(cfg):
+        return distributed.after_sharding(trainer, measure)
+    return measure()
+
+
+def save_output(trainer, tokenizer, cfg: Config, run_dir: Path, state_dict: dict | None) -> Path:
+    """The adapter (without trl's frozen `ref` copy) or the full model, with the tokenizer."""
+    from tunelab.models.build import save_trained
+
+    model = trainer.model
+    if "ref" in getattr(model, "peft_config", {}):
+        model.delete_adapter("ref")
+    return save_trained(model, tokenizer, run_dir, full=cfg.peft.method == "full", state_dict=state_dict)
+
+
+def run(cfg: Config, stage: Stage) -> RunResult:
+    """The whole run of `stage` under `cfg`; see the module docstring for the sequence."""
+    from transformers import set_seed
+
+    from tunelab.models.build import precision
+    from tunelab.trainer import stage_arguments
+    from tunelab.tracking.plots import plot_curves, plot_metrics
+    from tunelab.tracking.report import write_report
+    from tunelab.tracking.wandb_setup import finish_wandb, wandb_report_to
+
+    check_processes(cfg, stage)
+    run_dir, resume_from = open_run_dir(cfg)
+    report_to = wandb_report_to(cfg.tracking.wandb, cfg.tracking.project, cfg.run.name, run_dir,
+                                list(cfg.tracking.report_to))  # checks the integrations before the model loads
+    set_seed(cfg.run.seed)  # LoRA's A matrices, new embedding rows, a score head: drawn from the global RNG
+    with distributed.main_process_first():  # rank 0 fills the caches (converted GGUF, tokenized data) first
+        loaded = stage.load(cfg, distributed.fsdp_enabled(cfg))
+    if is_main():
+        write_json(run_dir / "data_stats.json", loaded.data.stats)
+        if loaded.data.test_examples is not None:
+            loaded.data.test_examples.to_json(run_dir / "test.jsonl")
+
+    resume_step = int(resume_from.name.split("-")[-1]) if resume_from else None
+    callbacks = [MetricsCallback(run_dir / "metrics.jsonl", resume_step=resume_step, perplexity=stage.perplexity)]
+    trainer = stage.build(cfg, loaded, lambda cls, **extra: stage_arguments(cls, cfg, run_dir, report_to, **extra),
+                          callbacks)
+
+    before = measure_before(stage, trainer, cfg, loaded, run_dir)
+    timing = train(trainer, resume_from)
+    before, before_rows = before if isinstance(before, tuple) else before.result
+    after, after_rows = stage.measure(trainer, cfg, loaded, "after")
+    finish_wandb()  # transformers never closes its W&B run; flush it before the report
+
+    full = cfg.peft.method == "full"
+    state_dict = distributed.full_state_dict(trainer, precision(cfg.train.precision, cfg.model.dtype).dtype
+                                             if full else None)  # a collective: every rank takes part
+    speed = stage.speed(trainer, timing["runtime_s"]) if stage.speed else {}
+    if not is_main():
+        return RunResult(run_dir, {})
+    out = save_output(trainer, loaded.tokenizer, cfg, run_dir, state_dict)
+    if after_rows:
+        write_samples(run_dir / "samples.jsonl", before_rows, after_rows)
+    summary = {
+        "command": stage.name,
+        "model": cfg.model.name,
+        "method": cfg.method,
+        "output": str(out),
+        "data": loaded.data.stats,
+        "train": {**train_stats(trainer, timing, run_dir), **speed},
+        "eval": {"before": before, "after": after},
+        "warnings": run_warnings(records := read_jsonl(run_dir / "metrics.jsonl")),
+    }
+    write_json(run_dir / "summary.json", summary)
+    plot_metrics(records, run_dir / "plots")
+    for name, (title, keys) in stage.curves.items():
+        plot_curves(records, keys, title, run_dir / "plots" / f"{name}.png")
+    write_report(run_dir)
+    return RunResult(run_dir, summary)
+
+
+def train_stats(trainer, timing: dict, run_dir: Path) -> dict:
+    """The summary's `train` numbers every training stage reports."""
+    return {
+        "steps": trainer.state.global_step,
+        "epochs": trainer.state.epoch,
+        "runtime_s": timing["runtime_s"],
+        "peak_memory_gb": peak_memory_gb(),
+        "final_loss": last_train_loss(run_dir / "metrics.jsonl"),
+        "mean_loss": timing["train_loss"],
+        "best_checkpoint": trainer.state.best_model_checkpoint,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    }
+
+
+def run_warnings(records: list[dict]) -> list[str]:
+    """What the user should know about how training went (shown by the CLI and in the report)."""
+    from tunelab.tracking.diagnostics import describe, overfitting
+
+    flag = overfitting(records)
+    if flag:
+        log.warning(describe(flag))
+    return [describe(flag)] if flag else []
+
+
+def last_train_loss(metrics_file: Path) -> float | None:
+    losses = [r["loss"] for r in read_jsonl(metrics_file) if "loss" in r]
+    return losses[-1] if losses else None
+
+
+def write_samples(path: Path, before: list[dict], after: list[dict]) -> None:
+    with path.open("w") as f:
+        for i, row in enumerate(after):
+            f.write(json.dumps({
+                "prompt": row["prompt"],
+                "reference": row["reference"],
+                "before": before[i]["prediction"] if i < len(before) else None,
+                "after": row["prediction"],
+            }) + "\n")
