@@ -155,6 +155,8 @@ class TrainConfig(_Section):
     kernels: Literal["auto", "off"] = "auto"
     """`auto`: on CUDA, Llama-architecture models train with fused kernels (varlen attention for packed
     rows, liger's fused cross-entropy/RMSNorm/SwiGLU/RoPE where installed); `off`: stock transformers."""
+    activation_offload: bool = False
+    """With gradient_checkpointing: keep the checkpointed hidden states in pinned CPU memory (less GPU memory)."""
     logging_steps: int = Field(1, ge=1)
     """Log train loss every N steps."""
     eval_every: int | None = Field(None, ge=1)
@@ -176,17 +178,22 @@ class TrainConfig(_Section):
     """Continue from the last checkpoint in the run folder (the CLI's --resume)."""
 
 
-class EvalConfig(_Section):
+class GenerationSettings(_Section):
+    """How evaluation generates and batches (shared by a run's eval section and `tunelab eval`)."""
+
+    max_new_tokens: int = Field(128, ge=1)
+    """Generation length limit for task metrics."""
+    batch_size: int = Field(8, ge=1)
+    """Batch size for validation loss and generation."""
+
+
+class EvalConfig(GenerationSettings):
     before: bool = True
     """Evaluate the untouched model on the validation rows before training."""
     generation_samples: int = Field(16, ge=0)
     """Validation rows to generate for task metrics and samples.jsonl (0 = none)."""
-    max_new_tokens: int = Field(128, ge=1)
-    """Generation length limit for task metrics."""
     metrics: list[Literal["exact_match", "rouge_l", "rouge", "field_accuracy"]] = ["exact_match", "rouge_l"]
     """Task metrics computed on the generations."""
-    batch_size: int = Field(8, ge=1)
-    """Batch size for validation loss and generation."""
 
 
 class TrackingConfig(_Section):
@@ -239,6 +246,15 @@ class PreferenceConfig(_Section):
     """rl: sampling temperature during training."""
 
 
+class KfoldConfig(_Section):
+    """Settings of `tunelab kfold` (its --folds and --metric); the other commands ignore them."""
+
+    folds: int = Field(5, ge=2)
+    """Number of folds (K): the training data is cut into K parts, each validates one run."""
+    metric: str = "loss"
+    """The after-training metric that picks the best sweep point (loss, rouge_l, exact_match, ...)."""
+
+
 class Config(_Section):
     run: RunConfig = RunConfig()
     model: ModelConfig = ModelConfig()
@@ -250,6 +266,7 @@ class Config(_Section):
     tracking: TrackingConfig = TrackingConfig()
     distributed: DistributedConfig = DistributedConfig()
     preference: PreferenceConfig = PreferenceConfig()
+    kfold: KfoldConfig = KfoldConfig()
     sweep: dict[str, Annotated[list, Field(min_length=1)]] | None = None
     """Hyperparameter grid for `tunelab kfold`, e.g. {peft.r: [8, 16], train.lr: [1e-4, 2e-4]}: every
     combination is cross-validated. `tunelab train` ignores it."""
@@ -310,7 +327,7 @@ def _selection_problems(t: TrainConfig) -> list[str]:
     return problems
 
 
-SET_BY_KFOLD = ("data.folds", "data.fold", "run.dir", "sweep")
+SET_BY_KFOLD = ("data.folds", "data.fold", "run.dir", "sweep", "kfold.folds", "kfold.metric")
 
 
 def _sweep_key_problem(path: str) -> str | None:
