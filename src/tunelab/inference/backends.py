@@ -1,25 +1,34 @@
 """Choose and build an inference backend: the only module that imports them all.
 
-`paged` (default): transformers' paged KV cache with continuous batching, configured and
-measured by us (`paged.py`). `static`: plain `generate()` on padded batches, the comparison
-baseline (`static.py`). `vllm`: vLLM when it is installed and a GPU is present
-(`vllm_backend.py`).
+`paged` (default): tunelab's own engine — paged KV pool, continuous batching, graph-captured
+decode (`paged.py`) — for Llama-architecture models; other models fall back to `static` with a
+one-line notice. `static`: plain `generate()` on padded batches, the comparison baseline
+(`static.py`). `vllm`: vLLM when it is installed and a GPU is present (`vllm_backend.py`).
 """
 
 from __future__ import annotations
+
+import logging
 
 from tunelab.errors import TunelabError
 from tunelab.inference.base import Engine
 
 BACKENDS = ("auto", "paged", "static", "vllm")
+log = logging.getLogger(__name__)
 
 
 def build_engine(backend: str, model, tokenizer, **options) -> Engine:
     """An engine of `backend` over an already loaded model (see `load_engine` for a target name)."""
     if backend == "paged":
-        from tunelab.inference.paged import PagedEngine
+        from tunelab.inference.runner import model_parts
 
-        return PagedEngine(model, tokenizer, **options)
+        parts = model_parts(model)
+        if not isinstance(parts, str):
+            from tunelab.inference.paged import PagedEngine
+
+            return PagedEngine(model, tokenizer, parts=parts, **options)
+        log.warning("--backend paged: %s; generating with the static backend instead", parts)
+        backend = "static"
     if backend == "static":
         from tunelab.inference.static import StaticEngine
 

@@ -1,196 +1,211 @@
-"""The `paged` backend: transformers' paged KV cache and continuous batching, wrapped.
+"""The `paged` backend: tunelab's own engine — a paged KV pool, continuous batching with
+chunked prefill and recompute preemption, the model's own modules, graph-captured decode.
 
-transformers (>= 5.17) runs a background thread that schedules requests into one token batch
-per step, allocating cache blocks of `page_size` tokens on demand and freeing them when a
-request ends (`model.init_continuous_batching`). We size the cache explicitly (its defaults
-probe GPU memory and are slow on CPU), route its outputs to per-request handles, turn sampling
-options into its per-request processor arguments, and read its block tables once per step for
-the KV accounting (`kv.py`).
+One background thread owns the model while the engine runs: it takes new requests and
+cancellations between steps, asks the scheduler (`scheduler.py`) for the next step, runs it
+(`runner.py`: one forward over the step's flat tokens, sampling on the device, a single host
+sync to read the sampled ids), and hands every request its new token. EOS, token limits and
+stop strings end a request inside that loop, so a finished row never holds the batch back.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import logging
+import random
 import threading
+from collections import deque
+
+import torch
 
 from tunelab.errors import TunelabError
-from tunelab.inference.base import Delta, Engine, Handle, eos_ids, finish_reason
-from tunelab.inference.kv import KVLedger, PagedCacheReader
+from tunelab.inference.base import Delta, Engine, Handle, eos_ids
+from tunelab.inference.blocks import BlockPool, pool_blocks
+from tunelab.inference.kv import KVLedger, KVSnapshot, bytes_per_token
+from tunelab.inference.runner import ModelRunner, Parts, workspace_bytes
+from tunelab.inference.scheduler import Scheduler, Sequence
 
 log = logging.getLogger(__name__)
 
-CPU_KV_BUDGET_TOKENS = 8192  # on CPU the cache is sized explicitly; transformers' probe is for GPUs
-SAMPLING_DEFAULTS = {"temperature": 0.7, "top_k": 50, "top_p": 0.95}
-"""Any value other than the neutral one makes transformers build the processor, which then takes
-each request's own value; a greedy request is top_k=1 (the argmax, sampled with certainty)."""
-
-
-def cb_config(page_size: int, num_blocks: int | None, max_batch_tokens: int | None, seed: int | None, on_cpu: bool,
-              cuda_graph: bool | None = None):
-    """A ContinuousBatchingConfig for transformers 5.17 (`block_size`) and 5.2x (`page_size`)."""
-    try:
-        from transformers.generation import ContinuousBatchingConfig
-    except ImportError:
-        import transformers
-
-        raise TunelabError(
-            f"--backend paged needs transformers >= 5.17 (continuous batching); found {transformers.__version__}. "
-            "Upgrade transformers or use --backend static"
-        ) from None
-    names = {f.name for f in dataclasses.fields(ContinuousBatchingConfig)}
-    kwargs = {"page_size" if "page_size" in names else "block_size": page_size, "num_blocks": num_blocks,
-              "max_batch_tokens": max_batch_tokens, "seed": seed, "per_request_processors": True,
-              # Prefix sharing makes blocks shared between requests; off, so every block is one request's.
-              "allow_block_sharing": False}
-    if on_cpu:  # no CUDA graphs and no double buffering without a GPU stream
-        kwargs |= {"use_cuda_graph": False, "use_async_batching": False}
-    elif cuda_graph is not None:
-        kwargs["use_cuda_graph"] = cuda_graph
-    return ContinuousBatchingConfig(**kwargs)
+CPU_MAX_BATCH_TOKENS, GPU_MAX_BATCH_TOKENS = 512, 4096  # tokens one step computes (chunked prefill)
+CPU_MAX_SEQS, GPU_MAX_SEQS = 64, 256  # sequences running at once
 
 
 class PagedEngine(Engine):
     name = "paged"
 
-    def __init__(self, model, tokenizer, *, page_size: int = 16, kv_budget_tokens: int | None = None,
-                 max_batch_tokens: int | None = None, sampling: bool = True, seed: int | None = None,
-                 cuda_graph: bool | None = None):
-        """kv_budget_tokens: cache size in tokens (num_blocks = budget / page_size); None = 8,192 on
-        CPU, transformers' choice from free memory on a GPU. sampling=False builds no sampling
-        processors (greedy only, the fastest step); seed seeds the engine's sampler; cuda_graph
-        None lets transformers decide."""
+    def __init__(self, model, tokenizer, *, parts: Parts, kv_budget_tokens: int | None = None, page_size: int = 16,
+                 max_seqs: int | None = None, max_batch_tokens: int | None = None, seed: int | None = None,
+                 cuda_graphs: bool = True, program: str | None = None, **_static_only):
+        """`backends.build_engine` makes one (it checks the architecture first). kv_budget_tokens:
+        the pool in tokens (None: 8,192 on the CPU, 90 % of free GPU memory less the workspace);
+        page_size: tokens per block; max_seqs / max_batch_tokens: sequences and tokens per step;
+        seed: where unseeded sampled requests draw their seeds from; program: 'hf' or 'fused'
+        (None: fused on a GPU where the layer allows it)."""
         super().__init__(model, tokenizer)
-        if not hasattr(model, "init_continuous_batching"):
-            raise TunelabError("--backend paged: this model class has no continuous batching in the installed "
-                               "transformers; use --backend static")
-        on_cpu = model.device.type == "cpu"
-        if kv_budget_tokens is None and on_cpu:
-            kv_budget_tokens = CPU_KV_BUDGET_TOKENS
-        if page_size < 4:
-            raise TunelabError(f"--page-size must be >= 4 (transformers' minimum), got {page_size}")
-        num_blocks = None if kv_budget_tokens is None else max(kv_budget_tokens // page_size, 1)
-        if max_batch_tokens is None and on_cpu:
-            max_batch_tokens = 256
-        from transformers import GenerationConfig
-
-        if not logging.getLogger().isEnabledFor(logging.DEBUG):  # its INFO lines are per-batch chatter
-            logging.getLogger("ContinuousBatchingLogger").setLevel(logging.WARNING)
-        self.sampling = sampling
+        if page_size < 1:
+            raise TunelabError(f"--page-size must be >= 1, got {page_size}")
+        config = parts.config
+        device = parts.decoder.embed_tokens.weight.device
+        on_gpu = device.type == "cuda"
+        self.max_seqs = max_seqs or (GPU_MAX_SEQS if on_gpu else CPU_MAX_SEQS)
+        self.max_batch_tokens = max(max_batch_tokens or (GPU_MAX_BATCH_TOKENS if on_gpu else CPU_MAX_BATCH_TOKENS),
+                                    self.max_seqs)
+        dtype_bytes = parts.decoder.embed_tokens.weight.element_size()
+        self.workspace_bytes = workspace_bytes(config, dtype_bytes, self.max_batch_tokens, self.max_seqs)
+        per_token = bytes_per_token(config, dtype_bytes)
+        num_blocks = pool_blocks(kv_budget_tokens, page_size, per_token, device, self.workspace_bytes)
+        self.pool = BlockPool(num_blocks, page_size)
+        self.max_len = min(self.pool.capacity * page_size, config.max_position_embeddings)
+        width = self.pool.blocks_for(self.max_len)
+        self.scheduler = Scheduler(self.pool, max_seqs=self.max_seqs, max_batch_tokens=self.max_batch_tokens,
+                                   max_blocks_per_seq=width)
+        self.runner = ModelRunner(model, parts, num_blocks=num_blocks, page=page_size, max_seqs=self.max_seqs,
+                                  max_blocks=width, graphs=cuda_graphs, program=program)
+        self.kv_bytes = self.runner.kv.numel() * self.runner.kv.element_size()
         self.eos = eos_ids(model, tokenizer)
-        gen = GenerationConfig(max_new_tokens=128, eos_token_id=sorted(self.eos), pad_token_id=tokenizer.pad_token_id,
-                               do_sample=sampling, **(SAMPLING_DEFAULTS if sampling else {}))
-        self.manager = model.init_continuous_batching(
-            generation_config=gen,
-            continuous_batching_config=cb_config(page_size, num_blocks, max_batch_tokens, seed, on_cpu, cuda_graph))
-        self.ledger = KVLedger.for_model(model)
-        self._reader = PagedCacheReader()
-        self._handles: dict[str, Handle] = {}
-        self._lock = threading.Lock()
-        self._watch_steps()
-        self.manager.start()
+        self.ledger = KVLedger(per_token)
+        self._seeds = random.Random(seed)
+        self._inbox: deque[Handle] = deque()
+        self._cancels: set[str] = set()
+        self._cond = threading.Condition()
+        self._model_lock = threading.Lock()
         self._closed = False
-        self._router = threading.Thread(target=self._route, name="tunelab-paged-router", daemon=True)
-        self._router.start()
+        self._worker = threading.Thread(target=self._loop, name="tunelab-paged", daemon=True)
+        self._worker.start()
 
-    def _watch_steps(self) -> None:
-        """Snapshot the cache after each scheduling decision, in the generation thread (where the
-        scheduler's dicts are consistent). transformers has no hook for this, so the batch
-        processor's `prepare_next_batch` is wrapped on this instance only, when the thread makes it."""
-        manager = self.manager
-        create = manager._create_batch_processor
+    def describe(self) -> str:
+        """One line: the pool, the stated workspace, the step program."""
+        r = self.runner
+        return (f"paged engine: {self.pool.capacity} blocks × {self.pool.page} tokens = "
+                f"{self.pool.capacity * self.pool.page:,} tokens of KV ({self.kv_bytes / 2**30:.2f} GiB), workspace "
+                f"≤ {self.workspace_bytes / 2**30:.2f} GiB, ≤ {self.max_seqs} sequences and {self.max_batch_tokens} "
+                f"tokens a step, program {r.program}, attention {'triton+varlen' if r.fast else 'torch reference'}, "
+                f"CUDA graphs {'on' if r.graphs else 'off'}")
 
-        def create_watched():
-            processor = create()
-            prepare = processor.prepare_next_batch
-            if getattr(prepare, "_tunelab_watched", False):  # a reused processor is already watched
-                return processor
-
-            def prepare_and_record() -> bool:
-                scheduled = prepare()
-                self.ledger.record(self._reader.snapshot(processor), step=scheduled)
-                return scheduled
-
-            prepare_and_record._tunelab_watched = True
-            processor.prepare_next_batch = prepare_and_record
-            return processor
-
-        manager._create_batch_processor = create_watched
-
-    def _route(self) -> None:
-        """Move each output from transformers' shared queue to its request's handle."""
-        while not self._closed:
-            out = self.manager.get_result(timeout=0.1)
-            if out is None:
-                if not self.manager.is_running() and not self._closed:
-                    self._fail_all("the generation thread stopped (see the log above)")
-                    return
-                continue
-            with self._lock:
-                handle = self._handles.get(out.request_id)
-            if handle is None:  # cancelled already
-                continue
-            new = list(out.generated_tokens[handle.seen :])
-            handle.seen += len(new)
-            self._delivered(len(new))
-            if not out.is_finished():
-                handle.put(Delta(new))
-                continue
-            with self._lock:
-                self._handles.pop(out.request_id, None)
-            if out.error:
-                handle.put(Delta(new, True, "error", out.error))
-            else:
-                handle.put(Delta(new, True, finish_reason(out.generated_tokens, self.eos)))
-
-    def _fail_all(self, message: str) -> None:
-        with self._lock:
-            handles, self._handles = list(self._handles.values()), {}
-        for handle in handles:
-            handle.put(Delta([], True, "error", message))
-
+    # -- the Engine interface -----------------------------------------------------------------
     def _submit(self, handle: Handle) -> None:
-        p = handle.params
-        if not p.greedy and not self.sampling:
-            raise TunelabError("temperature > 0 needs an engine started with sampling (this one is greedy-only)")
-        kwargs = {}
-        if self.sampling:  # every request passes all three: transformers' per-request processors are on
-            vocab = self.model.config.get_text_config().vocab_size
-            kwargs = {"temperature": float(p.temperature or 1.0), "top_p": float(p.top_p),
-                      "top_k": int(1 if p.greedy else (p.top_k or vocab))}
-        with self._lock:
-            self._handles[handle.id] = handle
-        rid = self.manager.add_request(handle.prompt_ids, request_id=handle.id, max_new_tokens=p.max_new_tokens,
-                                       streaming=True, eos_token_id=sorted(self.eos), **kwargs)
-        if rid is None:
-            with self._lock:
-                self._handles.pop(handle.id, None)
-            raise TunelabError("the paged engine is stopping and takes no new requests")
+        self._submit_many([handle])
+
+    def _submit_many(self, handles: list[Handle]) -> None:
+        with self._cond:
+            if self._closed:
+                raise TunelabError("the paged engine is closed and takes no new requests")
+            self._inbox.extend(handles)
+            self._cond.notify()
 
     def cancel(self, request_id: str) -> None:
-        with self._lock:
-            handle = self._handles.pop(request_id, None)
-        self.manager.cancel_request(request_id)
-        if handle is not None:
-            handle.put(Delta([], True, "cancelled"))
+        with self._cond:
+            self._cancels.add(request_id)
+            self._cond.notify()
 
     def waiting(self) -> int:
-        return self.ledger.current.waiting + self.manager.input_queue.qsize()
+        return len(self._inbox) + len(self.scheduler.waiting)
 
-    def exclusive(self) -> contextlib.AbstractContextManager:
-        """Use the model outside the batch loop (to score logprobs): transformers 5.2x can pause
-        the loop; 5.17 cannot, and has switched the model to paged attention while it runs."""
-        if not hasattr(self.manager, "pause"):
-            raise TunelabError("logprobs need transformers >= 5.23 with --backend paged (it pauses the batch loop); "
-                               "use --backend static")
-        return self.manager.pause()
+    def exclusive(self) -> threading.Lock:
+        """The model is free between steps; hold this lock to use it."""
+        return self._model_lock
+
+    def capture(self, up_to: int | None = None) -> int:
+        """Capture the greedy decode graphs up front (else each bucket is captured at first use)."""
+        with self._model_lock:
+            return self.runner.capture(up_to)
 
     def close(self) -> None:
-        if self._closed:
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._cond.notify_all()
+        self._worker.join(timeout=30)
+        self.runner = None  # the pool and the graphs go with it
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # -- the loop -----------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._inbox or self._cancels or self.scheduler.has_work() or self._closed):
+                    self._cond.wait()
+                if self._closed:
+                    self._fail_all("the engine was closed", "cancelled")
+                    return
+                new, self._inbox = list(self._inbox), deque()
+                cancels, self._cancels = self._cancels, set()
+            for handle in new:
+                self._admit(handle)
+            for request_id in cancels:
+                self._cancel_now(request_id)
+            step = self.scheduler.schedule()
+            if step is None:
+                self._record(step=False)
+                continue
+            with self._model_lock:
+                try:
+                    sampled = self.runner.step(step.inputs)
+                except Exception as err:  # noqa: BLE001 — reported on every request, not lost in a thread
+                    log.exception("paged engine step failed")
+                    self._fail_all(f"{type(err).__name__}: {err}", "error")
+                    continue
+            for seq, token in self.scheduler.advance(step, sampled):
+                self._deliver(seq, token)
+            self._record(step=True)
+
+    def _admit(self, handle: Handle) -> None:
+        need = len(handle.prompt_ids) + handle.params.max_new_tokens
+        if need > self.max_len:
+            handle.put(Delta([], True, "error", f"the prompt ({len(handle.prompt_ids)} tokens) + max_new_tokens "
+                                                f"({handle.params.max_new_tokens}) = {need} tokens exceed the "
+                                                f"{self.max_len} a sequence can hold (the model's context, or the KV "
+                                                "pool: raise --kv-budget-tokens)"))
             return
-        self._closed = True
-        self.manager.stop(block=True, timeout=10)
-        self._router.join(timeout=2)
-        if hasattr(self.manager, "destroy"):
-            self.manager.destroy()
+        seed = handle.params.seed if handle.params.seed is not None else self._seeds.getrandbits(32)
+        self.scheduler.add(Sequence(handle, list(handle.prompt_ids), len(handle.prompt_ids), seed & 0xFFFFFFFF))
+
+    def _cancel_now(self, request_id: str) -> None:
+        seq = self.scheduler.find(request_id)
+        if seq is None:  # finished already, or never admitted
+            return
+        self.scheduler.finish(seq)
+        seq.handle.put(Delta([], True, "cancelled"))
+
+    def _deliver(self, seq: Sequence, token: int) -> None:
+        reason = self._finish_reason(seq, token)
+        self._delivered(1)
+        if reason is None:
+            seq.handle.put(Delta([token]))
+            return
+        self.scheduler.finish(seq)
+        seq.handle.put(Delta([token], True, reason))
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        if token in self.eos:
+            return "stop"
+        if p.stop and self._hits_stop(seq):
+            return "stop"
+        return "length" if seq.generated >= p.max_new_tokens else None
+
+    def _hits_stop(self, seq: Sequence) -> bool:
+        """A stop string in the text of the last few tokens (enough to hold the longest one);
+        the consumer's TextStream cuts the text at it."""
+        longest = max(map(len, seq.params.stop))
+        tail = seq.tokens[max(seq.prompt_len, len(seq.tokens) - longest - 2) :]
+        text = self.tokenizer.decode(tail, skip_special_tokens=True)
+        return any(s in text for s in seq.params.stop)
+
+    def _fail_all(self, message: str, reason: str) -> None:
+        seqs = [*self.scheduler.running, *self.scheduler.waiting]
+        for seq in seqs:
+            self.scheduler.finish(seq)
+            seq.handle.put(Delta([], True, reason, None if reason == "cancelled" else message))
+        for handle in self._inbox:
+            handle.put(Delta([], True, reason, None if reason == "cancelled" else message))
+        self._inbox.clear()
+
+    def _record(self, step: bool) -> None:
+        s = self.scheduler
+        self.ledger.record(KVSnapshot(
+            reserved_tokens=self.pool.used * self.pool.page, live_tokens=sum(q.computed for q in s.running),
+            blocks_in_use=self.pool.used, blocks_total=self.pool.capacity, running=len(s.running),
+            waiting=len(s.waiting) + len(self._inbox), preemptions=s.preemptions), step=step)
