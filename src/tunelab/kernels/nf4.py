@@ -87,12 +87,12 @@ def _triton_dequantize(packed, quant_state, out):
     if out is None:
         out = torch.empty(quant_state.shape, dtype=quant_state.dtype, device=packed.device)
     nbytes = (n + 1) // 2
-    nested = quant_state.nested
+    nested, device = quant_state.nested, packed.device
     inner = quant_state.state2 if nested else quant_state  # unused operands when not nested
     offset = quant_state.offset if nested else quant_state.absmax
     _kernel()[(triton.cdiv(nbytes, BLOCK),)](
-        packed.view(torch.uint8), quant_state.absmax, inner.absmax, inner.code, offset,
-        quant_state.code.to(packed.device), out, nbytes, n,
+        packed.view(torch.uint8), quant_state.absmax, inner.absmax.to(device), inner.code.to(device),
+        torch.as_tensor(offset, device=device), quant_state.code.to(device), out, nbytes, n,
         BLOCKSIZE=quant_state.blocksize, BLOCKSIZE2=inner.blocksize if nested else 1, NESTED=nested, BLOCK=BLOCK,
     )
     return out.view(quant_state.shape)
