@@ -28,6 +28,20 @@ def interpret_triton(monkeypatch):
     lora._swiglu_kernels.cache_clear()
 
 
+class _Vocab:
+    """What make_tiny_model reads of a tokenizer: these tests need no real one (nor the embedded model)."""
+
+    pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
+
+    def __len__(self) -> int:
+        return 512
+
+
+@pytest.fixture
+def tokenizer():
+    return _Vocab()
+
+
 def _quantized(shape=(96, 320), nested=True, dtype=torch.bfloat16, seed=0):
     """(weight, packed, quant_state). Rows are whole blocks of 64, as in every real projection (bitsandbytes'
     CPU kernel restarts blocks at each row and disagrees with its own quantizer otherwise)."""
