@@ -28,7 +28,7 @@ from tunelab.errors import TunelabError
 from tunelab.evals.intervals import add_eval_intervals, add_run_intervals, differences, row_values
 from tunelab.evals.metrics import result_keys
 from tunelab.tracking.metrics import atomic_write_text, read_jsonl, write_json
-from tunelab.tracking.status import read_status
+from tunelab.tracking.status import read_json_object, read_status
 
 RUN_TASK = "validation"
 MOST_DIFFERENT = 5
@@ -67,18 +67,13 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _json(path: Path) -> Any:
+def read_config(path: Path) -> dict:
+    """A run folder's config.yaml as a dict; {} when missing or unreadable."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def _yaml(path: Path) -> Any:
-    try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError):
-        return None
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def kind_of(path: Path) -> str | None:
@@ -91,23 +86,23 @@ def kind_of(path: Path) -> str | None:
 
 
 def read_run(path: Path, name: str) -> Folder:
-    summary = _json(path / "summary.json") or {}
+    summary = read_json_object(path / "summary.json")
     samples = read_jsonl(path / "samples.jsonl")
     ev = add_run_intervals(copy.deepcopy(summary), samples)["eval"]
-    config = _yaml(path / "config.yaml") or {}
+    config = read_config(path)
     rows = [{"prompt": s["prompt"], "reference": s["reference"], "prediction": s["after"]}
             for s in samples if isinstance(s.get("after"), str)]
     info = {"model": summary.get("model") or (config.get("model") or {}).get("name"),
             "method": summary.get("method") or (config.get("peft") or {}).get("method"),
             "status": read_status(path)["state"]}
-    return Folder(name, path, "run", flatten(config), flatten(_json(path / "data_stats.json") or summary.get("data")),
+    return Folder(name, path, "run", flatten(config), flatten(read_json_object(path / "data_stats.json") or summary.get("data")),
                   read_jsonl(path / "metrics.jsonl"), ev, {RUN_TASK: rows} if rows else {},
                   {RUN_TASK: ev.get("after") or {}}, info)
 
 
 def read_eval(path: Path, name: str) -> Folder:
-    results = _json(path / "results.json")
-    if not isinstance(results, dict) or not isinstance(results.get("tasks"), dict):
+    results = read_json_object(path / "results.json")
+    if not isinstance(results.get("tasks"), dict):
         raise TunelabError(f"{path / 'results.json'}: not a `tunelab eval` result (no `tasks`); re-run tunelab eval")
     predictions = read_jsonl(path / "predictions.jsonl")
     results = add_eval_intervals(copy.deepcopy(results), predictions)

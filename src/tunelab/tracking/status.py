@@ -32,7 +32,7 @@ def write_status(run_dir: str | os.PathLike, state: str, **info: Any) -> Path:
         raise ValueError(f"state must be one of {', '.join(STATES)}, got {state!r}")
     path = Path(run_dir) / "status.json"
     now, pid, host = time.time(), os.getpid(), socket.gethostname()
-    previous = _read(path)
+    previous = read_json_object(path)
     same_process = previous.get("pid") == pid and previous.get("host") == host
     started = previous.get("started", now) if same_process else now
     return write_json(path, {**(previous if same_process else {}), **info,
@@ -43,7 +43,7 @@ def read_status(run_dir: str | os.PathLike, now: float | None = None) -> dict:
     """status.json's content with `state` as it is now (see the module docstring), plus
     `updated` (the heartbeat, else summary.json's or metrics.jsonl's time) when known."""
     run_dir = Path(run_dir)
-    status = _read(run_dir / "status.json")
+    status = read_json_object(run_dir / "status.json")
     now = time.time() if now is None else now
     if (run_dir / "summary.json").is_file() and status.get("state") != "failed":
         return {**status, "state": "finished"} if status else {"state": "finished", "updated": _mtime(run_dir / "summary.json")}
@@ -66,7 +66,9 @@ def _alive(status: dict, now: float) -> bool:
     return isinstance(status.get("updated"), (int, float)) and now - status["updated"] < STALE_S
 
 
-def _read(path: Path) -> dict:
+def read_json_object(path: Path) -> dict:
+    """A JSON object file as a dict; {} when it is missing, unreadable or not an object (a run
+    folder's files are optional to their readers)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
