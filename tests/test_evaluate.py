@@ -78,12 +78,17 @@ def hostile_task(tmp_path_factory) -> Path:
     return folder / "task.yaml"
 
 
+def _eval(target: str, tasks: list[str], **settings) -> dict:
+    """`tunelab eval TARGET --tasks ... --key value`: every option is an EvalRunConfig key."""
+    from tunelab.config import EvalRunConfig, build_config
+
+    return evaluate.run(build_config({"target": target, "tasks": tasks, **settings}, "test", EvalRunConfig)).summary
+
+
 @pytest.fixture(scope="module")
 def run_eval(lora_run, hostile_task):
-    results = evaluate.run(
-        str(lora_run), ["perplexity", "rouge", "exact_match", "bleu", str(hostile_task)],
-        limit=5, max_new_tokens=8, batch_size=4, export_manual=3,
-    )
+    results = _eval(str(lora_run), ["perplexity", "rouge", "exact_match", "bleu", str(hostile_task)],
+                    limit=5, max_new_tokens=8, batch_size=4, export_manual=3)
     return results, Path(results["output"])
 
 
@@ -136,7 +141,7 @@ def test_export_manual_sets_aside_prompts_with_both_models_outputs(run_eval, lor
 def test_export_manual_needs_a_generation_task(tmp_path):
     write_task(tmp_path, seed=0)
     with pytest.raises(TunelabError, match="--export-manual: needs a generation task"):  # before any model loads
-        evaluate.run("embedded", ["perplexity"], dataset=str(tmp_path), adapter="custom",
+        _eval("embedded", ["perplexity"], dataset=str(tmp_path), format="custom",
                      fields={"messages": "messages"}, export_manual=2)
 
 
@@ -145,8 +150,8 @@ def test_rouge_in_results_equals_rouge_score_on_saved_predictions(tmp_path):
     from rouge_score.rouge_scorer import RougeScorer
 
     write_task(tmp_path / "data", seed=1)
-    results = evaluate.run("embedded", ["rouge"], baseline="none", dataset=str(tmp_path / "data"), adapter="custom",
-                           fields={"messages": "messages"}, limit=3, max_new_tokens=12, output=tmp_path / "out")
+    results = _eval("embedded", ["rouge"], baseline="none", dataset=str(tmp_path / "data"), format="custom",
+                           fields={"messages": "messages"}, limit=3, max_new_tokens=12, output=str(tmp_path / "out"))
     assert results["baseline"] is None and "validation" in results["data"]["rouge"]
     saved = json.loads((tmp_path / "out" / "results.json").read_text())["tasks"]["rouge"]
     rows = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
@@ -172,17 +177,17 @@ def test_task_file_with_a_bad_key_fails_naming_it(tmp_path, tiny_model_dir):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nadapter: samsum\nsource: rows.jsonl\nmetrics: [rouge]\nmetricz: [bleu]\n")
     with pytest.raises(TunelabError, match=r"metricz: unknown key"):
-        evaluate.run(str(tiny_model_dir), [str(bad)], output=tmp_path / "out")
+        _eval(str(tiny_model_dir), [str(bad)], output=str(tmp_path / "out"))
     bad.write_text("name: x\nadapter: samsum\nsource: rows.jsonl\nmetrics: [rogue]\n")
     with pytest.raises(TunelabError, match=r"metrics\.0: Input should be 'perplexity'"):
-        evaluate.run(str(tiny_model_dir), [str(bad)], output=tmp_path / "out")
+        _eval(str(tiny_model_dir), [str(bad)], output=str(tmp_path / "out"))
 
 
 def test_unknown_task_and_missing_rows_are_user_errors(tmp_path, tiny_model_dir):
     with pytest.raises(TunelabError, match=r"unknown task 'hellaswg'; choose from perplexity, rouge, .*truthfulqa_mc2"):
-        evaluate.run(str(tiny_model_dir), ["hellaswg"], output=tmp_path)
-    with pytest.raises(TunelabError, match="pass --dataset SOURCE --adapter NAME"):
-        evaluate.run(str(tiny_model_dir), ["rouge"], output=tmp_path)
+        _eval(str(tiny_model_dir), ["hellaswg"], output=str(tmp_path))
+    with pytest.raises(TunelabError, match="pass --dataset SOURCE --format NAME"):
+        _eval(str(tiny_model_dir), ["rouge"], output=str(tmp_path))
 
 
 # --- lm-evaluation-harness --------------------------------------------------------------

@@ -9,7 +9,7 @@ from statistics import fmean, stdev
 import pytest
 from datasets import Dataset, DatasetDict
 
-from tunelab.config import DataConfig, load_config
+from tunelab.config import DataConfig, build_config, load_config
 from tunelab.data.prepare import split
 from tunelab.errors import TunelabError
 from tunelab.stages import kfold, sft
@@ -122,27 +122,34 @@ def _cfg(folder, model_dir, task_dir, *overrides):
     ])
 
 
+def _run(cfg, folds: int, metric: str) -> dict:
+    """`tunelab kfold --folds N --metric M`: the k-fold settings are config keys."""
+    data = cfg.model_dump()
+    data["kfold"] = {"folds": folds, "metric": metric}
+    return kfold.run(build_config(data)).summary
+
+
 def test_bad_settings_are_refused_before_training(tmp_path, tiny_model_dir, task_dir, monkeypatch):
     monkeypatch.setattr(sft, "run", lambda cfg: pytest.fail("trained before checking"))
     cfg = _cfg(tmp_path / "k", tiny_model_dir, task_dir)
     allowed = "loss, perplexity, exact_match, rouge_l"
     with pytest.raises(TunelabError, match=f"--metric: got 'bleu'; the runs produce {allowed}"):
-        kfold.run(cfg, 2, "bleu")
-    with pytest.raises(TunelabError, match="data.folds: Input should be greater than or equal to 2"):
-        kfold.run(cfg, 1, "loss")
+        _run(cfg, 2, "bleu")
+    with pytest.raises(TunelabError, match="kfold.folds: Input should be greater than or equal to 2"):
+        _run(cfg, 1, "loss")
     bad_point = _cfg(tmp_path / "k", tiny_model_dir, task_dir, "sweep={peft.r: [8, 0]}")
     with pytest.raises(TunelabError, match=r"grid point peft.r=0, fold 0.*\n.*peft.r: Input should be greater"):
-        kfold.run(bad_point, 2, "loss")
+        _run(bad_point, 2, "loss")
     same_folder = _cfg(tmp_path / "k", tiny_model_dir, task_dir, "sweep={peft.target_modules: [[q_proj], q_proj]}")
     with pytest.raises(TunelabError, match="two grid points get the same folder name"):
-        kfold.run(same_folder, 2, "loss")
+        _run(same_folder, 2, "loss")
 
 
 @pytest.fixture(scope="module")
 def sweep_result(tmp_path_factory, tiny_model_dir, task_dir):
     folder = tmp_path_factory.mktemp("kfold") / "sweep"
     cfg = _cfg(folder, tiny_model_dir, task_dir, "sweep={train.lr: [1.0e-6, 3.0e-3]}")
-    return folder, kfold.run(cfg, 2, "loss")
+    return folder, _run(cfg, 2, "loss")
 
 
 def test_sweep_times_folds_aggregates_every_metric(sweep_result):
@@ -193,19 +200,19 @@ def test_killed_kfold_resumes_and_retrains_only_unfinished_folds(tmp_path, tiny_
 
     monkeypatch.setattr(TunelabTrainer, "training_step", dies_in_fold_1)
     with pytest.raises(Killed):
-        kfold.run(_cfg(folder, tiny_model_dir, task_dir), 2, "rouge_l")
+        _run(_cfg(folder, tiny_model_dir, task_dir), 2, "rouge_l")
     monkeypatch.setattr(TunelabTrainer, "training_step", step)
     assert (folder / "fold-0" / "summary.json").is_file() and not (folder / "fold-1" / "summary.json").exists()
 
     trained, real_run = [], sft.run
     monkeypatch.setattr(sft, "run", lambda cfg: trained.append(cfg.run.path.name) or real_run(cfg))
-    first = kfold.run(_cfg(folder, tiny_model_dir, task_dir), 2, "rouge_l")
+    first = _run(_cfg(folder, tiny_model_dir, task_dir), 2, "rouge_l")
     assert trained == ["fold-1"]
     steps = [r["step"] for r in map(json.loads, (folder / "fold-1" / "metrics.jsonl").read_text().splitlines())]
     assert steps.count(0) == 1  # the killed attempt's lines are gone, not duplicated
-    again = kfold.run(_cfg(folder, tiny_model_dir, task_dir), 2, "rouge_l")
+    again = _run(_cfg(folder, tiny_model_dir, task_dir), 2, "rouge_l")
     assert trained == ["fold-1"] and again == first
     assert first["points"][0]["runs"] == ["fold-0", "fold-1"] and first["best"]["name"] == kfold.NO_SWEEP
 
     with pytest.raises(TunelabError, match="holds a run of a different config"):
-        kfold.run(_cfg(folder, tiny_model_dir, task_dir, "train.lr=1e-3"), 2, "rouge_l")
+        _run(_cfg(folder, tiny_model_dir, task_dir, "train.lr=1e-3"), 2, "rouge_l")

@@ -246,6 +246,40 @@ class PreferenceConfig(_Section):
     """rl: sampling temperature during training."""
 
 
+class EvalRunConfig(GenerationSettings):
+    """`tunelab eval TARGET`: what to evaluate, on which rows, against what. Each option of the
+    command sets one of these keys (`--limit 5` is `limit=5`); `key=value` arguments work too."""
+
+    target: str
+    """Run folder, adapter or model folder, Hub id, `.gguf` file, or `embedded`."""
+    tasks: list[Annotated[str, Field(min_length=1)]] = Field(["perplexity", "rouge"], min_length=1)
+    """perplexity, rouge, exact_match, bleu, hellaswag, truthfulqa_mc1, truthfulqa_mc2, or task YAML files."""
+    baseline: str = "auto"
+    """Model to compare with: `auto` = a run folder's base model (none for other targets), `none`, or a model."""
+    limit: int | None = Field(None, ge=1)
+    """Evaluate at most this many rows per task (the first N)."""
+    output: str | None = None
+    """Results folder; default `<run>/eval/<time>/` for a run folder, else `evals/<time>/`."""
+    data_dir: str | None = None
+    """Local copies of the benchmark data (hellaswag/, truthfulqa/), for offline use."""
+    split: str = "validation"
+    """Dataset split for perplexity and generation tasks."""
+    dataset: str | None = None
+    """Rows for perplexity/generation tasks when the target is not a run folder (with `format`)."""
+    format: str | None = None
+    """Data format of `dataset` (samsum, alpaca, custom, ...)."""
+    fields: dict[str, str] | None = None
+    """Column mapping for format `custom`."""
+    export_manual: int | None = Field(None, ge=1)
+    """Also write this many held-out prompts with both models' outputs to manual.jsonl (the review app imports it)."""
+
+    @model_validator(mode="after")
+    def _dataset_with_format(self) -> EvalRunConfig:
+        if (self.dataset is None) != (self.format is None):
+            raise ValueError("dataset: --dataset and --format go together: --dataset SOURCE --format NAME")
+        return self
+
+
 class KfoldConfig(_Section):
     """Settings of `tunelab kfold` (its --folds and --metric); the other commands ignore them."""
 
@@ -396,9 +430,10 @@ def _format_errors(err: ValidationError, origin: str) -> str:
     return "\n".join(lines)
 
 
-def build_config(data: dict, origin: str = "config") -> Config:
+def build_config(data: dict, origin: str = "config", schema: type[BaseModel] = Config):
+    """Validate `data` against `schema` (a run's Config, or a command's own, e.g. EvalRunConfig)."""
     try:
-        return Config.model_validate(data)
+        return schema.model_validate(data)
     except ValidationError as err:
         raise TunelabError(_format_errors(err, origin)) from None
 

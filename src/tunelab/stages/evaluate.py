@@ -13,8 +13,10 @@ import logging
 import time
 from pathlib import Path
 
+from tunelab.config import EvalRunConfig
 from tunelab.errors import TunelabError
 from tunelab.evals.tasks import GENERATION_METRICS, DatasetTask, Rows
+from tunelab.lifecycle import RunResult
 
 log = logging.getLogger(__name__)
 
@@ -22,42 +24,28 @@ ROW_TASKS = ("perplexity", *GENERATION_METRICS)
 """Built-in tasks that need evaluation rows: the run's own, or --dataset."""
 
 
-def run(
-    target: str,
-    tasks: list[str],
-    *,
-    baseline: str | None = None,
-    limit: int | None = None,
-    output: Path | None = None,
-    data_dir: Path | None = None,
-    split: str = "validation",
-    max_new_tokens: int = 128,
-    batch_size: int = 8,
-    dataset: str | None = None,
-    adapter: str | None = None,
-    fields: dict[str, str] | None = None,
-    export_manual: int | None = None,
-) -> dict:
-    """Evaluate `target` (and the baseline) on `tasks`; returns the results.json content.
+def run(cfg: EvalRunConfig) -> RunResult:
+    """Evaluate cfg.target (and the baseline) on cfg.tasks; the summary is the results.json content.
 
-    baseline: None = the run's base model when `target` is a run folder, else none; "none" = none.
-    dataset/adapter/fields/split: where perplexity and generation tasks take rows from (default:
-    the run's test split, else its validation rows). limit: rows per task (the first N).
-    export_manual: also write the first N prompts of the first generation task, with the target's
-    and the baseline's outputs, to manual.jsonl for human review (`tunelab review add-task --import`).
+    Rows for perplexity and generation tasks come from cfg.dataset/format/fields/split, else the
+    run folder's test split, else its validation rows; cfg.limit takes the first N per task.
+    cfg.export_manual also writes the first N prompts of the first generation task, with the
+    target's and the baseline's outputs, to manual.jsonl (`tunelab review add-task --import`).
     """
     start = time.time()
-    run_dir = run_folder(target)
-    out = output_dir(output, run_dir)
-    planned = plan(tasks, run_dir, dataset=dataset, adapter=adapter, fields=fields, split=split, limit=limit)
+    run_dir = run_folder(cfg.target)
+    out = output_dir(cfg.output, run_dir)
+    data_dir = Path(cfg.data_dir) if cfg.data_dir else None
+    planned = plan(cfg.tasks, run_dir, dataset=cfg.dataset, data_format=cfg.format, fields=cfg.fields,
+                   split=cfg.split, limit=cfg.limit)
     data = data_origins(planned, data_dir)
-    manual_task = manual_source(planned) if export_manual else None
-    baseline = base_model(run_dir) if baseline is None else None if baseline.lower() == "none" else baseline
+    manual_task = manual_source(planned) if cfg.export_manual else None
+    baseline = {"auto": base_model(run_dir), "none": None}.get(cfg.baseline.lower(), cfg.baseline)
 
-    evaluate_one = functools.partial(evaluate_model, planned=planned, limit=limit, data_dir=data_dir,
-                                     max_new_tokens=max_new_tokens, batch_size=batch_size)
-    metrics, predictions = evaluate_one(target, "target")
-    results = {"target": target, "tasks": metrics, "baseline": None, "data": data}
+    evaluate_one = functools.partial(evaluate_model, planned=planned, limit=cfg.limit, data_dir=data_dir,
+                                     max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+    metrics, predictions = evaluate_one(cfg.target, "target")
+    results = {"target": cfg.target, "tasks": metrics, "baseline": None, "data": data}
     if baseline is not None:
         metrics, more = evaluate_one(baseline, "baseline")
         results["baseline"] = {"model": baseline, "tasks": metrics}
@@ -66,9 +54,9 @@ def run(
     results["output"] = str(out)
     write_outputs(out, results, predictions, run_dir)
     if manual_task is not None:
-        results["manual"] = str(write_manual(out / "manual.jsonl", manual_task, predictions, export_manual,
-                                             {"target": target, "baseline": baseline}))
-    return results
+        results["manual"] = str(write_manual(out / "manual.jsonl", manual_task, predictions, cfg.export_manual,
+                                             {"target": cfg.target, "baseline": baseline}))
+    return RunResult(out, results)
 
 
 def format_results(results: dict) -> str:
@@ -85,7 +73,7 @@ def run_folder(target: str) -> Path | None:
     return path if trained and (path / "config.yaml").is_file() else None
 
 
-def output_dir(output: Path | None, run_dir: Path | None) -> Path:
+def output_dir(output: str | None, run_dir: Path | None) -> Path:
     """--output, else `<run>/eval/<timestamp>/` for a run folder, else `evals/<timestamp>/`."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return Path(output) if output else (run_dir / "eval" if run_dir else Path("evals")) / stamp
@@ -100,7 +88,7 @@ def base_model(run_dir: Path | None) -> str | None:
     return load_config(str(run_dir / "config.yaml")).model.name
 
 
-def plan(names: list[str], run_dir: Path | None, *, dataset: str | None, adapter: str | None,
+def plan(names: list[str], run_dir: Path | None, *, dataset: str | None, data_format: str | None,
          fields: dict[str, str] | None, split: str, limit: int | None) -> list[DatasetTask | str]:
     """The tasks in the order asked, with their rows loaded and checked: DatasetTasks, and
     harness task names (run together in one lm-eval pass)."""
@@ -109,7 +97,7 @@ def plan(names: list[str], run_dir: Path | None, *, dataset: str | None, adapter
     check_names(names)
     rows = None
     if any(name in ROW_TASKS for name in names):
-        rows = default_rows(run_dir, dataset=dataset, adapter=adapter, fields=fields, split=split, limit=limit)
+        rows = default_rows(run_dir, dataset=dataset, data_format=data_format, fields=fields, split=split, limit=limit)
     planned: list[DatasetTask | str] = []
     for name in dict.fromkeys(names):
         if is_task_file(name):
@@ -124,19 +112,17 @@ def plan(names: list[str], run_dir: Path | None, *, dataset: str | None, adapter
     return planned
 
 
-def default_rows(run_dir: Path | None, *, dataset: str | None, adapter: str | None,
+def default_rows(run_dir: Path | None, *, dataset: str | None, data_format: str | None,
                  fields: dict[str, str] | None, split: str, limit: int | None) -> Rows:
-    """--dataset/--adapter rows when given, else the run folder's held-out rows."""
+    """--dataset/--format rows when given, else the run folder's held-out rows."""
     from tunelab.evals.tasks import load_rows, run_rows
 
-    if (dataset is None) != (adapter is None):
-        raise TunelabError("--dataset and --adapter go together: --dataset SOURCE --adapter NAME")
     if dataset is not None:
-        return load_rows(dataset, adapter, fields, split, limit)
+        return load_rows(dataset, data_format, fields, split, limit)
     if run_dir is None:
         raise TunelabError(
             f"tasks {', '.join(ROW_TASKS)} need evaluation rows: the target is not a run folder, "
-            "so pass --dataset SOURCE --adapter NAME (e.g. --dataset ../shared/data/samsum --adapter samsum)"
+            "so pass --dataset SOURCE --format NAME (e.g. --dataset ../shared/data/samsum --format samsum)"
         )
     return run_rows(run_dir, limit)
 

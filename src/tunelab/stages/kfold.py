@@ -21,7 +21,7 @@ import yaml
 
 from tunelab.config import Config, build_config, set_path
 from tunelab.errors import TunelabError
-from tunelab.lifecycle import last_checkpoint
+from tunelab.lifecycle import RunResult, last_checkpoint
 from tunelab.stages import sft
 from tunelab.tracking.metrics import write_json
 from tunelab.tracking.report import lower_is_better, write_kfold_report
@@ -127,11 +127,12 @@ def best_point(points: list[dict], metric: str) -> dict | None:
             "mean": best["after"][metric]["mean"], "std": best["after"][metric]["std"]}
 
 
-def run(cfg: Config, folds: int, metric: str) -> dict:
-    """Train and evaluate every fold of every grid point; write kfold.json and kfold.html; return the result.
-
-    Every config, the metric and the existing fold folders are checked before anything trains.
+def run(cfg: Config) -> RunResult:
+    """Train and evaluate every fold (cfg.kfold.folds) of every grid point; write kfold.json and
+    kfold.html; the summary is kfold.json's content. Every config, the metric (cfg.kfold.metric)
+    and the existing fold folders are checked before anything trains.
     """
+    folds, metric = cfg.kfold.folds, cfg.kfold.metric
     parent = kfold_dir(cfg)
     grid_points = grid(cfg.sweep)
     if len({point_name(params) for params in grid_points}) < len(grid_points):
@@ -158,4 +159,4 @@ def run(cfg: Config, folds: int, metric: str) -> dict:
     }
     write_json(parent / "kfold.json", result)
     write_kfold_report(result)
-    return result
+    return RunResult(parent, result)

@@ -10,12 +10,17 @@ from __future__ import annotations
 import time
 from importlib.resources import files
 
-from tunelab.config import load_config
+from tunelab.config import Config, load_config
+from tunelab.lifecycle import RunResult
 from tunelab.stages import sft
 
 
-def run(overrides: list[str]) -> sft.RunResult:
+def config(overrides: list[str]) -> Config:
+    """The packaged quickstart recipe in a fresh, timestamped run folder each time, so the demo can
+    be re-run (run.name / run.dir overrides still win)."""
     recipe = files("tunelab") / "recipes" / "quickstart.yaml"
-    # A fresh run folder each time, so the demo can be re-run; run.name/run.dir overrides still win.
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    return sft.run(load_config(str(recipe), [f"run.name=quickstart-{stamp}", *overrides]))
+    return load_config(str(recipe), [f"run.name=quickstart-{time.strftime('%Y%m%d-%H%M%S')}", *overrides])
+
+
+def run(cfg: Config) -> RunResult:
+    return sft.run(cfg)

@@ -1,13 +1,14 @@
-"""`tunelab review init | add-reviewer | add-task | serve | report | export`.
+"""`tunelab review init | add-reviewer | reissue-token | add-task | serve | report | export`: the review app.
 
 Only argparse is imported here; each command imports its module when it runs.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
+
+from tunelab.commands.base import Command, Group
 
 DB_HELP = "review database: a SQLite file path or URL, or postgresql://user@host/db (default: $TUNELAB_REVIEW_DB or review.db)"
 
@@ -37,6 +38,14 @@ def _add_reviewer(args) -> None:
 
     token = project.add_reviewer(_store(args), args.name, admin=args.admin)
     print(f"reviewer {args.name!r}{' (admin)' if args.admin else ''} created. Token (shown once, keep it secret):")
+    print(token)
+
+
+def _reissue_token(args) -> None:
+    from tunelab.review import project
+
+    token = project.reissue_token(_store(args), args.name)
+    print(f"new token for reviewer {args.name!r} (shown once; the old one no longer works):")
     print(token)
 
 
@@ -88,29 +97,33 @@ def _export(args) -> None:
           + (f" ({skipped} skipped: an empty answer, or both answers the same text)" if skipped else ""))
 
 
-def register(sub) -> None:
-    """Add the review subcommands to the `tunelab` parser."""
-    review = sub.add_parser("review", help="human review: rank and rubric-score model outputs in a browser",
-                            description="Human review of model outputs: rankings (-> preference pairs) and rubric scores.")
-    cmds = review.add_subparsers(dest="review_command", required=True)
-    db = argparse.ArgumentParser(add_help=False)
-    db.add_argument("--db", default=os.environ.get("TUNELAB_REVIEW_DB", "review.db"), help=DB_HELP)
+class _Sub(Command):
+    """A review subcommand: every one takes --db."""
 
-    def add(name: str, func, help_text: str) -> argparse.ArgumentParser:
-        p = cmds.add_parser(name, parents=[db], help=help_text, description=help_text)
-        p.set_defaults(func=func)
-        return p
+    def __init__(self, name: str, help_text: str, func, arguments=None):
+        self.name, self.help, self._func, self._arguments = name, help_text, func, arguments
 
-    p = add("init", _init, "create a review project (tables, rubric, reviewers per item)")
+    def arguments(self, parser) -> None:
+        parser.add_argument("--db", default=os.environ.get("TUNELAB_REVIEW_DB", "review.db"), help=DB_HELP)
+        if self._arguments:
+            self._arguments(parser)
+
+    def run(self, args) -> None:
+        self._func(args)
+
+
+def _init_arguments(p) -> None:
     p.add_argument("--rubric", help="rubric YAML: criteria with name, description, weight, scale [lo, hi], levels "
                                     "(default: accuracy x2, coherence, safety on 1-5)")
     p.add_argument("--per-item", type=int, default=3, help="distinct reviewers per item (default 3)")
 
-    p = add("add-reviewer", _add_reviewer, "create a reviewer and print their login token")
+
+def _reviewer_arguments(p) -> None:
     p.add_argument("name")
     p.add_argument("--admin", action="store_true", help="may see the progress view (/admin)")
 
-    p = add("add-task", _add_task, "add items: generate outputs for a prompts file, or --import outputs")
+
+def _task_arguments(p) -> None:
     p.add_argument("prompts", nargs="?", help='JSONL of {"prompt": ...} or {"messages": [...]} (optional "id", "reference")')
     p.add_argument("--model", action="append", help="model or run that answers the prompts (repeat for several)")
     p.add_argument("-k", type=int, default=1, help="outputs per prompt per model (sampled when > 1; default 1, greedy)")
@@ -124,14 +137,34 @@ def register(sub) -> None:
     p.add_argument("--backend", default="auto", choices=("auto", "paged", "static", "vllm"),
                    help="inference engine backend, as for `tunelab generate` (default auto)")
 
-    p = add("serve", _serve, "run the review web app")
+
+def _serve_arguments(p) -> None:
     p.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1; 0.0.0.0 for a network)")
     p.add_argument("--port", type=int, default=8000)
 
-    p = add("report", _report, "per-model and per-item scores, agreement, outlying reviewers: HTML report with plots")
+
+def _report_arguments(p) -> None:
     p.add_argument("--output", default="review-report", help="folder for report.html, summary.json, plots/")
 
-    p = add("export", _export, "write preference pairs (prompt/chosen/rejected) from the rankings")
+
+def _export_arguments(p) -> None:
     p.add_argument("--to", required=True, help="output JSONL, e.g. preferences.jsonl")
     p.add_argument("--pairs", choices=("all", "best-worst"), default="all", help="all ordered pairs, or best vs worst")
     p.add_argument("--min-reviewers", type=int, default=1, help="skip items with fewer finished reviews")
+
+
+class Review(Group):
+    name = "review"
+    help = "human review: rank and rubric-score model outputs in a browser"
+    subcommands = (
+        _Sub("init", "create a review project (tables, rubric, reviewers per item)", _init, _init_arguments),
+        _Sub("add-reviewer", "create a reviewer and print their login token", _add_reviewer, _reviewer_arguments),
+        _Sub("reissue-token", "give a reviewer a new login token (the old one stops working)", _reissue_token,
+             lambda p: p.add_argument("name")),
+        _Sub("add-task", "add items: generate outputs for a prompts file, or --import outputs", _add_task,
+             _task_arguments),
+        _Sub("serve", "run the review web app", _serve, _serve_arguments),
+        _Sub("report", "per-model and per-item scores, agreement, outlying reviewers: HTML report with plots",
+             _report, _report_arguments),
+        _Sub("export", "write preference pairs (prompt/chosen/rejected) from the rankings", _export, _export_arguments),
+    )

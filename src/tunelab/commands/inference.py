@@ -1,10 +1,11 @@
-"""`tunelab generate | chat | serve | bench-infer`."""
+"""`tunelab generate | chat | serve | bench-infer`: the inference engine from the terminal and over HTTP."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from tunelab.commands.base import Command
 from tunelab.errors import TunelabError
 
 TARGET_HELP = "run folder, adapter or model folder, Hub id, .gguf file, or `embedded`"
@@ -30,7 +31,7 @@ class _Styler:
         self.style = load_style(args.style)
         self.variables = dict(_pair(v, "--var") for v in args.var or ())
         self.context = _read(args.context, "--context") if args.context else None
-        self.examples = load_examples(args.examples, args.examples_adapter, self.style.k) if args.examples else []
+        self.examples = load_examples(args.examples, args.examples_format, self.style.k) if args.examples else []
 
     def messages(self, prompt: str, context: str | None = None, history=()) -> list[dict]:
         return self.style.messages(prompt, context=context or self.context, examples=self.examples,
@@ -181,7 +182,7 @@ def _bench(args) -> None:
     from tunelab.models.build import load_for_eval
 
     model, tokenizer = load_for_eval(args.target)
-    prompts, origin = dataset_prompts(tokenizer, args.dataset, args.adapter, args.split, args.n)
+    prompts, origin = dataset_prompts(tokenizer, args.dataset, args.format, args.split, args.n)
     budget = args.kv_budget_tokens or 2 * (max(map(len, prompts)) + args.max_new_tokens)
     print(f"{len(prompts)} prompts from {origin}: {min(map(len, prompts))}-{max(map(len, prompts))} tokens "
           f"(mean {sum(map(len, prompts)) / len(prompts):.0f}), {args.max_new_tokens} new tokens each (greedy), "
@@ -212,40 +213,71 @@ def _add_model_options(p, styles: bool = True) -> None:
         p.add_argument("--var", action="append", metavar="KEY=VALUE", help="a style variable, e.g. persona=\"a tax advisor\"")
         p.add_argument("--context", help="file with context passages (style grounded)")
         p.add_argument("--examples", help="few-shot examples: .jsonl of prompt/completion or messages, or a dataset")
-        p.add_argument("--examples-adapter", help="data adapter when --examples is a dataset (e.g. samsum)")
+        p.add_argument("--examples-format", "--examples-adapter", dest="examples_format",
+                       help="data format when --examples is a dataset (e.g. samsum)")
 
 
-def register(sub) -> None:
-    """Add the inference subcommands to the `tunelab` parser."""
-    p = sub.add_parser("generate", help="generate from a prompt or a prompts.jsonl file (streams to the terminal)")
-    _add_model_options(p)
-    p.add_argument("--prompt", help="one prompt; the answer streams to the terminal")
-    p.add_argument("--input", help="prompts.jsonl: one {\"prompt\": ..., \"context\": optional} per line")
-    p.add_argument("--output", default="outputs.jsonl", help="where --input's outputs go")
-    p.add_argument("--kv-log", help="with --input: write the KV state of every generation step (JSON lines)")
-    p.set_defaults(func=_generate)
+class Generate(Command):
+    name = "generate"
+    help = "generate from a prompt or a prompts.jsonl file (streams to the terminal)"
 
-    p = sub.add_parser("chat", help="interactive multi-turn chat (streaming; /style NAME, /reset, /exit)")
-    _add_model_options(p)
-    p.set_defaults(func=_chat)
+    def arguments(self, parser) -> None:
+        _add_model_options(parser)
+        parser.add_argument("--prompt", help="one prompt; the answer streams to the terminal")
+        parser.add_argument("--input", help="prompts.jsonl: one {\"prompt\": ..., \"context\": optional} per line")
+        parser.add_argument("--output", default="outputs.jsonl", help="where --input's outputs go")
+        parser.add_argument("--kv-log", help="with --input: write the KV state of every generation step (JSON lines)")
 
-    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions, models, metrics)")
-    _add_model_options(p, styles=False)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every request")
-    p.add_argument("--adapters", help="extra LoRA adapters by name: a=runs/a,b=runs/b (the request's model picks one)")
-    p.set_defaults(func=_serve)
+    def run(self, args) -> None:
+        _generate(args)
 
-    p = sub.add_parser("bench-infer", help="static vs paged generation at the same KV budget: tokens/s, p50/p99, KV waste")
-    p.add_argument("target", help=TARGET_HELP)
-    p.add_argument("--dataset", help="prompt source (default: the quickstart's generated chats), e.g. ../shared/data/samsum")
-    p.add_argument("--adapter", help="data adapter for --dataset (samsum, alpaca, ...)")
-    p.add_argument("--split", default="validation")
-    p.add_argument("-n", type=int, default=12, help="number of prompts")
-    p.add_argument("--max-new-tokens", type=int, default=24)
-    p.add_argument("--kv-budget-tokens", type=int, help="KV budget for both backends (default: twice the longest request)")
-    p.add_argument("--page-size", type=int, default=16)
-    p.add_argument("--output", help="write the rows as JSON")
-    p.add_argument("--kv-log", help="write the KV state of every generation step of both backends (JSON lines)")
-    p.set_defaults(func=_bench)
+
+class Chat(Command):
+    name = "chat"
+    help = "interactive multi-turn chat (streaming; /style NAME, /reset, /exit)"
+    interrupted = "bye"
+
+    def arguments(self, parser) -> None:
+        _add_model_options(parser)
+
+    def run(self, args) -> None:
+        _chat(args)
+
+
+class Serve(Command):
+    name = "serve"
+    help = "OpenAI-compatible HTTP server (chat, completions, models, metrics)"
+    interrupted = "server stopped"
+
+    def arguments(self, parser) -> None:
+        _add_model_options(parser, styles=False)
+        parser.add_argument("--host", default="127.0.0.1")
+        parser.add_argument("--port", type=int, default=8000)
+        parser.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every request")
+        parser.add_argument("--adapters", help="extra LoRA adapters by name: a=runs/a,b=runs/b (the request's "
+                                               "model picks one)")
+
+    def run(self, args) -> None:
+        _serve(args)
+
+
+class BenchInfer(Command):
+    name = "bench-infer"
+    help = "static vs paged generation at the same KV budget: tokens/s, p50/p99, KV waste"
+
+    def arguments(self, parser) -> None:
+        parser.add_argument("target", help=TARGET_HELP)
+        parser.add_argument("--dataset", help="prompt source (default: the quickstart's generated chats), "
+                                              "e.g. ../shared/data/samsum")
+        parser.add_argument("--format", "--adapter", dest="format", help="data format of --dataset (samsum, alpaca, ...)")
+        parser.add_argument("--split", default="validation")
+        parser.add_argument("-n", type=int, default=12, help="number of prompts")
+        parser.add_argument("--max-new-tokens", type=int, default=24)
+        parser.add_argument("--kv-budget-tokens", type=int, help="KV budget for both backends (default: twice the "
+                                                                 "longest request)")
+        parser.add_argument("--page-size", type=int, default=16)
+        parser.add_argument("--output", help="write the rows as JSON")
+        parser.add_argument("--kv-log", help="write the KV state of every generation step of both backends (JSON lines)")
+
+    def run(self, args) -> None:
+        _bench(args)

@@ -1,0 +1,14 @@
+"""Every `tunelab` command, listed once: the parser is built from this list and nothing else."""
+
+from __future__ import annotations
+
+from tunelab.commands.base import Command
+from tunelab.commands.evaluation import Eval
+from tunelab.commands.inference import BenchInfer, Chat, Generate, Serve
+from tunelab.commands.review import Review
+from tunelab.commands.training import Dpo, Kfold, Merge, Quickstart, Reward, Rl, Train
+
+COMMANDS: tuple[Command, ...] = (
+    Train(), Quickstart(), Eval(), Kfold(), Reward(), Dpo(), Rl(), Merge(),
+    Generate(), Chat(), Serve(), BenchInfer(), Review(),
+)

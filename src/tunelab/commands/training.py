@@ -1,0 +1,139 @@
+"""`tunelab train | quickstart | kfold | reward | dpo | rl | merge`: the commands that train (or fold) a model."""
+
+from __future__ import annotations
+
+import importlib
+
+from tunelab.commands.base import Command, add_overrides
+
+RESUME = "interrupted; continue with `tunelab {name} <recipe> --resume`"
+
+
+def recipe_config(args):
+    """The validated config of a recipe command: recipe + overrides, `--resume` as train.resume."""
+    from tunelab.config import load_config
+
+    return load_config(args.recipe, list(args.overrides) + (["train.resume=true"] if args.resume else []))
+
+
+def print_result(result) -> None:
+    """The before/after table, the run's warnings and where its folder is."""
+    from tunelab.tracking.report import format_before_after
+
+    ev = result.summary["eval"]
+    print()
+    print(format_before_after(ev.get("before") or {}, ev.get("after") or {}))
+    for warning in result.summary.get("warnings", []):
+        print(f"warning: {warning}")
+    print(f"\nrun folder: {result.run_dir}  (report: {result.run_dir / 'report.html'})")
+
+
+class RecipeCommand(Command):
+    """A training stage run from a recipe: `tunelab NAME RECIPE [key=value ...] [--resume]`."""
+
+    stage: str  # the module under tunelab.stages
+    example: str
+
+    @property
+    def interrupted(self) -> str:
+        return RESUME.format(name=self.name)
+
+    def arguments(self, parser) -> None:
+        parser.add_argument("recipe", help=f"recipe YAML, e.g. {self.example}")
+        parser.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+        add_overrides(parser)
+
+    def run(self, args) -> None:
+        stage = importlib.import_module(f"tunelab.stages.{self.stage}")
+        print_result(stage.run(recipe_config(args)))
+
+
+class Train(RecipeCommand):
+    name, stage, example = "train", "sft", "recipes/samsum-lora.yaml"
+    help = "fine-tune a model from a recipe (SFT: full, LoRA, DoRA, QLoRA)"
+
+    def arguments(self, parser) -> None:
+        super().arguments(parser)
+        parser.add_argument("--nproc", type=int, default=1, metavar="N",
+                            help="processes (GPUs) on this machine: re-runs under torchrun, FSDP2 by default "
+                                 "(distributed.strategy); for several machines see README 'Scaling out'")
+
+    def run(self, args) -> None:
+        from tunelab import distributed
+        from tunelab.stages import sft
+
+        cfg = recipe_config(args)  # config errors show once, before N processes start
+        if args.nproc > 1 and distributed.world_size() == 1:
+            distributed.check(cfg, args.nproc)
+            distributed.relaunch(args.nproc, args.argv)
+        result = sft.run(cfg)
+        if distributed.is_main():
+            print_result(result)
+
+
+class Reward(RecipeCommand):
+    name, stage, example = "reward", "reward", "recipes/reward.yaml"
+    help = "train a reward model (sequence classifier, LoRA/QLoRA) on preference pairs"
+
+
+class Dpo(RecipeCommand):
+    name, stage, example = "dpo", "dpo", "recipes/dpo.yaml"
+    help = "direct preference optimisation (LoRA/QLoRA) on preference pairs"
+
+
+class Rl(RecipeCommand):
+    name, stage, example = "rl", "rl", "recipes/rl.yaml"
+    help = "online RL (trl RLOO) against a trained reward model, KL-controlled"
+
+
+class Quickstart(Command):
+    name = "quickstart"
+    help = "offline demo: LoRA on the embedded SmolLM2, before/after table"
+    interrupted = "interrupted; run `tunelab quickstart` again (it starts a fresh run folder)"
+
+    def arguments(self, parser) -> None:
+        add_overrides(parser)
+
+    def run(self, args) -> None:
+        from tunelab.stages import quickstart
+
+        print_result(quickstart.run(quickstart.config(list(args.overrides))))
+
+
+class Kfold(Command):
+    name = "kfold"
+    help = "k-fold cross-validation of a recipe (and of its sweep grid), one aggregated report"
+    interrupted = "interrupted; re-run the same command (finished folds are reused, a killed one resumes)"
+
+    def arguments(self, parser) -> None:
+        parser.add_argument("recipe", help="recipe YAML; a `sweep:` section in it is cross-validated point by point")
+        parser.add_argument("--folds", type=int, help="number of folds K (kfold.folds, default 5)")
+        parser.add_argument("--metric", help="metric that picks the best sweep point (kfold.metric, default loss)")
+        add_overrides(parser)
+
+    def run(self, args) -> None:
+        from tunelab.config import load_config
+        from tunelab.stages import kfold
+        from tunelab.tracking.report import format_kfold
+
+        flags = [f"kfold.{key}={value}" for key, value in (("folds", args.folds), ("metric", args.metric)) if value]
+        result = kfold.run(load_config(args.recipe, [*args.overrides, *flags]))
+        print()
+        print(format_kfold(result.summary))
+        print(f"\nk-fold folder: {result.run_dir}  (report: {result.run_dir / 'kfold.html'})")
+
+
+class Merge(Command):
+    name = "merge"
+    help = "fold a LoRA run's adapter into its base and save a full model folder"
+
+    def arguments(self, parser) -> None:
+        parser.add_argument("run", help="a LoRA run folder or adapter folder")
+        parser.add_argument("--output", required=True, help="folder for the merged model")
+
+    def run(self, args) -> None:
+        from pathlib import Path
+
+        from tunelab.models.build import merge_and_save
+
+        print(f"merged model written to {merge_and_save(args.run, Path(args.output))}")
