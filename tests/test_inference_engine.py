@@ -1,8 +1,7 @@
-"""The generation engine: paged vs static equality, cancellation, KV accounting, backend choice."""
+"""The generation engine interface: the static backend, text streams, KV accounting, backend choice
+(the paged engine itself: tests/test_paged_engine.py)."""
 
 from __future__ import annotations
-
-import time
 
 import pytest
 
@@ -23,59 +22,6 @@ def tiny(tokenizer):
 def _prompts(tokenizer, n: int) -> list[list[int]]:
     """Prompts of clearly different lengths (4 to ~60 tokens)."""
     return [tokenizer(" ".join(["word"] * (3 + 9 * i)) + " end", add_special_tokens=False)["input_ids"] for i in range(n)]
-
-
-def _greedy_tokens(backend, model, tokenizer, prompts, new, **options):
-    engine = build_engine(backend, model, tokenizer, **options)
-    try:
-        return [c.token_ids for c in engine.generate(prompts, SamplingParams(max_new_tokens=new))]
-    finally:
-        engine.close()
-
-
-def test_paged_equals_static_greedy_on_embedded_model(embedded_dir):
-    """The issue's check: the paged cache and continuous batching change nothing in greedy output."""
-    from tunelab.inference.prompts import prompt_ids
-
-    engine = load_engine("embedded", "static")
-    model, tok = engine.model, engine.tokenizer
-    questions = ["What is the capital of France?", "Name three colours.", "Say hello in Spanish."]
-    prompts = [prompt_ids(tok, [{"role": "user", "content": q}]) for q in questions]
-    try:
-        static = [c.token_ids for c in engine.generate(prompts, SamplingParams(max_new_tokens=6))]
-    finally:
-        engine.close()
-    paged = _greedy_tokens("paged", model, tok, prompts, 6, kv_budget_tokens=512, sampling=False)
-    assert paged == static
-    assert all(len(t) == 6 or t[-1] == tok.eos_token_id for t in paged)
-
-
-def test_greedy_is_the_same_with_sampling_processors_on(tiny, tokenizer):
-    """A sampling-capable engine runs greedy requests as top_k=1: the same tokens as a greedy-only one."""
-    prompts = _prompts(tokenizer, 3)
-    plain = _greedy_tokens("paged", tiny, tokenizer, prompts, 5, kv_budget_tokens=512, sampling=False)
-    sampling = _greedy_tokens("paged", tiny, tokenizer, prompts, 5, kv_budget_tokens=512, sampling=True)
-    static = _greedy_tokens("static", tiny, tokenizer, prompts, 5)
-    assert plain == sampling == static
-
-
-def test_cancel_frees_blocks(tiny, tokenizer):
-    engine = build_engine("paged", tiny, tokenizer, kv_budget_tokens=1024, page_size=16, sampling=False)
-    try:
-        handle = engine.submit(_prompts(tokenizer, 4)[-1], SamplingParams(max_new_tokens=900))
-        deadline = time.time() + 30
-        while engine.kv()["now"]["blocks_in_use"] == 0 and time.time() < deadline:
-            time.sleep(0.02)
-        busy = engine.kv()["now"]
-        assert busy["blocks_in_use"] > 0 and busy["reserved_bytes"] >= busy["live_bytes"] > 0
-        engine.cancel(handle.id)
-        assert list(handle.events())[-1].finish_reason == "cancelled"
-        while engine.kv()["now"]["blocks_in_use"] and time.time() < deadline:
-            time.sleep(0.02)
-        now = engine.kv()["now"]
-        assert (now["blocks_in_use"], now["reserved_bytes"], now["live_bytes"], now["waste_pct"], now["running"]) == (0, 0, 0, 0, 0)
-    finally:
-        engine.close()
 
 
 def test_sampling_seed_and_stop_strings(tiny, tokenizer):

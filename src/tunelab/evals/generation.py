@@ -1,4 +1,4 @@
-"""Batched greedy generation on validation prompts, scored with task metrics."""
+"""Greedy generation on validation prompts through the inference engine, scored with task metrics."""
 
 from __future__ import annotations
 
@@ -6,36 +6,35 @@ import torch
 from tqdm.auto import tqdm
 
 from tunelab.data.templates import prompt_text
+from tunelab.errors import TunelabError
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, desc: str = "generating") -> list[str]:
-    """Greedy completions. Decoder-only models need *left* padding to generate a batch, so this
-    pads on the left here only; training keeps right padding."""
-    device = next(model.parameters()).device
+    """Greedy completions of `model` itself — a training model's current weights (put in eval
+    mode for the call, then back), peft-wrapped or not, no second copy — through the paged
+    engine (`tunelab.inference`), sized to this workload. Architectures the engine does not run
+    fall back to `generate()` on padded batches of `batch_size`."""
+    from tunelab.inference.backends import build_engine
+    from tunelab.inference.base import SamplingParams
+
+    if not prompts:
+        return []
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    demand = sum(len(i) + max_new_tokens for i in ids)
     was_training = model.training
     model.eval()
-    outputs = []
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
+    engine = build_engine("paged", model, tokenizer, demand_tokens=demand, max_batch=batch_size)
     try:
-        for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
-            chunk = prompts[start : start + batch_size]
-            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            out = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                use_cache=True,
-            )
-            new = out[:, enc["input_ids"].shape[1] :]
-            outputs += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+        with tqdm(total=len(ids), desc=desc, leave=False) as bar:
+            done = engine.generate(ids, SamplingParams(max_new_tokens=max_new_tokens), progress=bar)
     finally:
-        tokenizer.padding_side = side
+        engine.close()
         model.train(was_training)
-    return outputs
+    failed = next((c.error for c in done if c.error), None)
+    if failed:
+        raise TunelabError(f"generation failed: {failed}")
+    return [c.text.strip() for c in done]
 
 
 def generation_eval(model, tokenizer, examples, n: int, metrics: list[str], max_new_tokens: int, batch_size: int,

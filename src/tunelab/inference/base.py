@@ -73,12 +73,15 @@ class Handle:
     def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, loop=None):
         self.id, self.prompt_ids, self.params = request_id, prompt_ids, params
         self.submitted = time.perf_counter()
+        self.first_at: float | None = None  # when the first token arrived (time to first token)
         self.finished_at: float | None = None
         self.seen = 0  # tokens delivered so far (backends that report cumulative outputs)
         self._loop = loop
         self._queue: queue.Queue[Delta] | asyncio.Queue[Delta] = asyncio.Queue() if loop else queue.Queue()
 
     def put(self, delta: Delta) -> None:
+        if self.first_at is None and delta.token_ids:
+            self.first_at = time.perf_counter()
         if delta.finished:
             self.finished_at = time.perf_counter()
         if self._loop is not None:

@@ -49,9 +49,11 @@ class BlockPool:
         self._free.extend(reversed(blocks))
 
 
-def pool_blocks(kv_budget_tokens: int | None, page: int, bytes_per_token: int, device, workspace_bytes: int) -> int:
+def pool_blocks(kv_budget_tokens: int | None, page: int, bytes_per_token: int, device, workspace_bytes: int,
+                demand_tokens: int | None = None) -> int:
     """Blocks for a budget in tokens; without one, CPU_KV_BUDGET_TOKENS on the CPU, and on a GPU
-    what GPU_MEMORY_FRACTION of the free memory holds once the workspace is set aside."""
+    what GPU_MEMORY_FRACTION of the free memory holds once the workspace is set aside — in both
+    cases no more than `demand_tokens` (a known workload's total) needs."""
     import torch
 
     if kv_budget_tokens is None:
@@ -64,6 +66,8 @@ def pool_blocks(kv_budget_tokens: int | None, page: int, bytes_per_token: int, d
                                    "lower or free memory")
         else:
             kv_budget_tokens = CPU_KV_BUDGET_TOKENS
+        if demand_tokens:
+            kv_budget_tokens = min(kv_budget_tokens, -(-demand_tokens // page) * page)
     if kv_budget_tokens < page:
         raise TunelabError(f"kv_budget_tokens: {kv_budget_tokens} is less than one block of {page} tokens")
     return kv_budget_tokens // page + 1  # + the scratch block

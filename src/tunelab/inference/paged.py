@@ -34,10 +34,11 @@ class PagedEngine(Engine):
     name = "paged"
 
     def __init__(self, model, tokenizer, *, parts: Parts, kv_budget_tokens: int | None = None, page_size: int = 16,
-                 max_seqs: int | None = None, max_batch_tokens: int | None = None, seed: int | None = None,
-                 cuda_graphs: bool = True, program: str | None = None, **_static_only):
+                 demand_tokens: int | None = None, max_seqs: int | None = None, max_batch_tokens: int | None = None,
+                 seed: int | None = None, cuda_graphs: bool = True, program: str | None = None, **_other_backends):
         """`backends.build_engine` makes one (it checks the architecture first). kv_budget_tokens:
-        the pool in tokens (None: 8,192 on the CPU, 90 % of free GPU memory less the workspace);
+        the pool in tokens (None: 8,192 on the CPU, 90 % of free GPU memory less the workspace,
+        either capped at demand_tokens, the total a known workload needs);
         page_size: tokens per block; max_seqs / max_batch_tokens: sequences and tokens per step;
         seed: where unseeded sampled requests draw their seeds from; program: 'hf' or 'fused'
         (None: fused on a GPU where the layer allows it)."""
@@ -53,7 +54,7 @@ class PagedEngine(Engine):
         dtype_bytes = parts.decoder.embed_tokens.weight.element_size()
         self.workspace_bytes = workspace_bytes(config, dtype_bytes, self.max_batch_tokens, self.max_seqs)
         per_token = bytes_per_token(config, dtype_bytes)
-        num_blocks = pool_blocks(kv_budget_tokens, page_size, per_token, device, self.workspace_bytes)
+        num_blocks = pool_blocks(kv_budget_tokens, page_size, per_token, device, self.workspace_bytes, demand_tokens)
         self.pool = BlockPool(num_blocks, page_size)
         self.max_len = min(self.pool.capacity * page_size, config.max_position_embeddings)
         width = self.pool.blocks_for(self.max_len)
@@ -140,6 +141,7 @@ class PagedEngine(Engine):
             if step is None:
                 self._record(step=False)
                 continue
+            self._record(step=True, computing=len(step.inputs.ids))  # what this step holds, its own tokens written
             with self._model_lock:
                 try:
                     sampled = self.runner.step(step.inputs)
@@ -149,7 +151,7 @@ class PagedEngine(Engine):
                     continue
             for seq, token in self.scheduler.advance(step, sampled):
                 self._deliver(seq, token)
-            self._record(step=True)
+            self._record(step=False)
 
     def _admit(self, handle: Handle) -> None:
         need = len(handle.prompt_ids) + handle.params.max_new_tokens
@@ -203,9 +205,11 @@ class PagedEngine(Engine):
             handle.put(Delta([], True, reason, None if reason == "cancelled" else message))
         self._inbox.clear()
 
-    def _record(self, step: bool) -> None:
+    def _record(self, step: bool, computing: int = 0) -> None:
+        """The pool now, into the ledger; `step`: a generation step that writes `computing` more tokens."""
         s = self.scheduler
         self.ledger.record(KVSnapshot(
-            reserved_tokens=self.pool.used * self.pool.page, live_tokens=sum(q.computed for q in s.running),
+            reserved_tokens=self.pool.used * self.pool.page,
+            live_tokens=sum(q.computed for q in s.running) + computing,
             blocks_in_use=self.pool.used, blocks_total=self.pool.capacity, running=len(s.running),
             waiting=len(s.waiting) + len(self._inbox), preemptions=s.preemptions), step=step)

@@ -15,6 +15,7 @@ The GPU runs `fused` when the layer has the Llama shape, the CPU `hf` (same toke
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +25,8 @@ from tunelab.inference import attention, fused
 from tunelab.inference.attention import AttentionContext, Prefill
 from tunelab.inference.sampling import SamplingTensors, sample
 from tunelab.inference.scheduler import StepInputs
+
+log = logging.getLogger(__name__)
 
 SUPPORTED = ("llama", "mistral")
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512)
@@ -48,6 +51,8 @@ def model_parts(model) -> Parts | str:
     window = getattr(config, "sliding_window", None)
     if window and window < config.max_position_embeddings:
         return f"{kind} with a {window}-token sliding window (the paged kernels attend to the whole context)"
+    if any(type(p).__name__ == "DTensor" for p in base.parameters()):
+        return "sharded (FSDP) weights (the engine calls the model's modules one by one)"
     decoder, lm_head = getattr(base, "model", None), getattr(base, "lm_head", None)
     if decoder is None or lm_head is None or not all(hasattr(decoder, n) for n in ("embed_tokens", "layers", "norm",
                                                                                      "rotary_emb")):
@@ -112,7 +117,11 @@ class ModelRunner:
     @torch.no_grad()
     def step(self, x: StepInputs) -> list[int]:
         if self.graphs and x.decode_only and len(x.ids) <= self.buckets[-1]:
-            return self._replay(x)
+            try:
+                return self._replay(x)
+            except RuntimeError as err:  # a module that cannot be captured (e.g. it syncs the host)
+                log.warning("CUDA graph capture failed (%s); decoding without graphs", err)
+                self.graphs = False
         return self._eager(x)
 
     def _eager(self, x: StepInputs) -> list[int]:
