@@ -30,7 +30,7 @@ def main() -> None:
     from tunelab.models.loading import resolve
 
     tokenizer = load_tokenizer(resolve("embedded"))
-    cfg = load_config(None, [f"data.adapter={args.adapter}", f"data.source={args.source}", "data.bad_rows=skip",
+    cfg = load_config(None, [f"data.format={args.adapter}", f"data.source={args.source}", "data.bad_rows=skip",
                              f"data.max_length={args.max_length}", f"data.num_proc={args.num_proc or os.cpu_count()}"])
     for label in ("first run", "cached re-run"):
         start = time.time()

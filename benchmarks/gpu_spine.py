@@ -25,7 +25,7 @@ SHAPES = {
                       num_key_value_heads=32, tie_word_embeddings=False, rope_theta=10000.0),
 }
 
-COMMON = ["data.adapter=samsum", "data.max_eval_samples=64", "eval.generation_samples=4", "eval.max_new_tokens=32",
+COMMON = ["data.format=samsum", "data.max_eval_samples=64", "eval.generation_samples=4", "eval.max_new_tokens=32",
           "eval.metrics=[rouge_l]", "train.logging_steps=5", "train.warmup_ratio=0.1"]
 
 RUNS = {  # name → (shape, overrides)

@@ -206,7 +206,7 @@ def check_train(args, timeout: float) -> dict:
     recipe = run_dir.parent / "recipe.yaml"
     recipe.write_text("{}\n")
     cmd = [sys.executable, "-m", "tunelab", "train", str(recipe), f"model.name={model_dir}", f"run.dir={run_dir}",
-           f"data.source={args.check_train}", "data.adapter=samsum", "data.max_train_samples=400",
+           f"data.source={args.check_train}", "data.format=samsum", "data.max_train_samples=400",
            "data.max_eval_samples=16", "train.batch_size=2", "train.save_every=5", "eval.generation_samples=2",
            "eval.max_new_tokens=8", "--nproc", "2"]
     row = {"config": CHECK, "gpus": 2}

@@ -45,4 +45,4 @@ $BIN/tunelab review export --db "$DB" --to "$OUT/preferences.jsonl"
 $BIN/tunelab review report --db "$DB" --output "$OUT/report"
 echo
 echo "next, DPO on the exported pairs (issue 5's other half):"
-echo "  tunelab dpo recipes/dpo.yaml model.name=$RUN data.adapter=preferences data.source=$OUT/preferences.jsonl"
+echo "  tunelab dpo recipes/dpo.yaml model.name=$RUN data.format=preferences data.source=$OUT/preferences.jsonl"

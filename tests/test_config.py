@@ -17,7 +17,7 @@ def _recipe(tmp_path, text: str):
 
 
 def test_overrides_are_typed_and_nested(tmp_path):
-    cfg = load_config(_recipe(tmp_path, "data: {adapter: samsum, source: x}\n"),
+    cfg = load_config(_recipe(tmp_path, "data: {format: samsum, source: x}\n"),
                       ["train.max_steps=20", "peft.target_modules=[q_proj, v_proj]", "train.lr=1e-3",
                        "train.early_stopping.patience=2", "train.eval_every=5"])
     assert cfg.train.max_steps == 20
@@ -28,7 +28,7 @@ def test_overrides_are_typed_and_nested(tmp_path):
 
 def test_all_errors_reported_together_with_field_and_allowed_values(tmp_path):
     with pytest.raises(TunelabError) as err:
-        load_config(_recipe(tmp_path, "data: {adapter: samsum, source: x, batching: pack}\ntrain: {lr: -1, epoks: 2}\n"))
+        load_config(_recipe(tmp_path, "data: {format: samsum, source: x, batching: pack}\ntrain: {lr: -1, epoks: 2}\n"))
     msg = str(err.value)
     assert "data.batching: got 'pack'; allowed: 'packing' or 'padding'" in msg
     assert "train.lr" in msg and "greater than 0" in msg
@@ -37,17 +37,17 @@ def test_all_errors_reported_together_with_field_and_allowed_values(tmp_path):
 
 def test_cross_field_checks():
     with pytest.raises(TunelabError, match="data.source: required"):
-        load_config(None, ["data.adapter=samsum"])
+        load_config(None, ["data.format=samsum"])
     with pytest.raises(TunelabError, match="quantization.bits: a quantized base cannot be fully fine-tuned"):
-        load_config(None, ["data.adapter=samsum", "data.source=x", "quantization.bits=4", "peft.method=full"])
+        load_config(None, ["data.format=samsum", "data.source=x", "quantization.bits=4", "peft.method=full"])
     with pytest.raises(TunelabError, match="train.early_stopping: needs train.eval_every"):
-        load_config(None, ["data.adapter=samsum", "data.source=x", "train.early_stopping={patience: 2}"])
+        load_config(None, ["data.format=samsum", "data.source=x", "train.early_stopping={patience: 2}"])
     with pytest.raises(TunelabError, match="data.fields: required"):
         load_config(None, ["data.source=x"])
 
 
 def test_method_names():
-    base = ["data.adapter=samsum", "data.source=x"]
+    base = ["data.format=samsum", "data.source=x"]
     assert load_config(None, base).method == "lora"
     assert load_config(None, base + ["quantization.bits=4"]).method == "qlora"
     assert load_config(None, base + ["peft.method=full"]).method == "full"
@@ -55,7 +55,7 @@ def test_method_names():
 
 
 def test_cli_prints_config_errors_without_traceback(tmp_path, capsys):
-    code = main(["train", str(_recipe(tmp_path, "data: {adapter: samsum, source: x}\n")), "model.nme=embedded"])
+    code = main(["train", str(_recipe(tmp_path, "data: {format: samsum, source: x}\n")), "model.nme=embedded"])
     err = capsys.readouterr().err
     assert code == 2
     assert "model.nme: unknown key" in err and "Traceback" not in err
@@ -75,7 +75,7 @@ def test_every_shipped_recipe_validates_and_names_its_command(recipe):
 
 
 def test_mid_run_generation_and_selection_checks():
-    base = ["data.adapter=samsum", "data.source=x"]
+    base = ["data.format=samsum", "data.source=x"]
     with pytest.raises(TunelabError, match="train.eval_generation: needs train.eval_every"):
         load_config(None, [*base, "train.eval_generation={task: rouge_l}"])
     with pytest.raises(TunelabError, match="not a multiple of train.eval_every=4"):
@@ -86,3 +86,11 @@ def test_mid_run_generation_and_selection_checks():
         load_config(None, [*base, "train.eval_every=4", "train.save_every=6", "train.load_best=true"])
     cfg = load_config(None, [*base, "train.eval_every=4", "train.eval_generation={task: rouge, every: 8}"])
     assert cfg.train.eval_generation.key == "rouge_l"
+
+
+def test_data_adapter_is_the_old_name_of_data_format(tmp_path, caplog):
+    cfg = load_config(_recipe(tmp_path, "data: {adapter: samsum, source: x}\n"))
+    assert cfg.data.format == "samsum" and "data.adapter is now called data.format" in caplog.text
+    assert "adapter" not in cfg.model_dump()["data"]  # config.yaml writes the new name
+    with pytest.raises(TunelabError, match="data.adapter: the old name of data.format; keep only data.format"):
+        load_config(_recipe(tmp_path, "data: {adapter: samsum, format: alpaca, source: x}\n"))

@@ -1,4 +1,4 @@
-"""Sources: real datasets load through each adapter; bad rows are reported by file:line:field."""
+"""Sources: real datasets load through each data format; bad rows are reported by file:line:field."""
 
 import json
 import logging
@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tunelab.data import sources
-from tunelab.data.adapters import get_adapter
+from tunelab.data.formats import get_format
 from tunelab.data.sources import find_splits, iter_rows, load_examples
 from tunelab.errors import TunelabError
 
@@ -31,8 +31,8 @@ def data() -> Path:
 def load(tmp_path):
     """load_examples with the datasets cache in tmp_path, so tests never touch the home cache."""
 
-    def run(source, adapter, **options):
-        return load_examples(str(source), get_adapter(adapter), cache_dir=str(tmp_path / "cache"), **options)
+    def run(source, data_format, **options):
+        return load_examples(str(source), get_format(data_format), cache_dir=str(tmp_path / "cache"), **options)
 
     return run
 
@@ -169,7 +169,7 @@ def test_csv_problems_name_file_line_and_field(tmp_path):
         "a,b,c,d\n"  # line 6: too many values
     )
     with pytest.raises(TunelabError) as error:
-        load_examples(str(path), get_adapter("custom", CUSTOM), cache_dir=str(tmp_path / "c"))
+        load_examples(str(path), get_format("custom", CUSTOM), cache_dir=str(tmp_path / "c"))
     message = str(error.value)
     assert f"{path}:3: field 'a' is empty" in message
     assert f"{path}:5: field 'a' is missing" in message
@@ -180,7 +180,7 @@ def test_csv_values_stay_strings(tmp_path):
     """As the csv module reads them: "4" stays a string and an empty cell is "" (not NaN/None)."""
     path = tmp_path / "data.csv"
     path.write_text('q,a,sys\n"2+2?",4,\n"3+3?",6,Be brief.\n')
-    examples, _ = load_examples(str(path), get_adapter("custom", CUSTOM), cache_dir=str(tmp_path / "c"))
+    examples, _ = load_examples(str(path), get_format("custom", CUSTOM), cache_dir=str(tmp_path / "c"))
     assert examples["train"].cache_files  # read by load_dataset, not the in-memory fallback
     assert examples["train"][0]["messages"] == [
         {"role": "user", "content": "2+2?"},
@@ -196,7 +196,7 @@ def test_skip_when_datasets_counts_rows_differently(tmp_path, caplog):
     path.write_text("q,a\nx,1\n   \ny,2\n,\nz,3\n")
     with caplog.at_level(logging.WARNING, logger="tunelab.data.sources"):
         examples, stats = load_examples(
-            str(path), get_adapter("custom", CUSTOM), bad_rows="skip", cache_dir=str(tmp_path / "c")
+            str(path), get_format("custom", CUSTOM), bad_rows="skip", cache_dir=str(tmp_path / "c")
         )
     assert stats["bad_rows"] == 2
     assert [e["messages"][1]["content"] for e in examples["train"]] == ["1", "2", "3"]
@@ -224,7 +224,7 @@ def test_custom_messages_column_with_num_proc(tmp_path, load):
     ]
     path = write_jsonl(tmp_path / "chat.jsonl", [{"conv": c} for c in conversations])
     examples, _ = load_examples(
-        str(path), get_adapter("custom", {"messages": "conv"}), num_proc=2, cache_dir=str(tmp_path / "c")
+        str(path), get_format("custom", {"messages": "conv"}), num_proc=2, cache_dir=str(tmp_path / "c")
     )
     assert examples["train"][7]["messages"] == [
         {"role": "user", "content": "Hi 7"},

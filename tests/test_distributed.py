@@ -45,7 +45,7 @@ sys.exit(main())
 
 def _overrides(run_dir, model_dir, task_dir, *extra) -> list[str]:
     return [
-        f"model.name={model_dir}", f"data.source={task_dir}", "data.adapter=custom", "data.fields={messages: messages}",
+        f"model.name={model_dir}", f"data.source={task_dir}", "data.format=custom", "data.fields={messages: messages}",
         f"run.dir={run_dir}", "data.max_length=256", "data.max_train_samples=48", "data.max_eval_samples=8",
         "train.lr=3e-3", "train.max_steps=4", "train.save_every=2", "train.warmup_ratio=0",
         "train.gradient_checkpointing=true", "eval.generation_samples=1", "eval.max_new_tokens=2",
@@ -156,7 +156,7 @@ def test_fsdp2_settings_are_the_keys_transformers_reads(monkeypatch):
     from accelerate.utils import FullyShardedDataParallelPlugin
     from transformers import TrainingArguments
 
-    cfg = load_config(None, ["data.source=x", "data.adapter=samsum", "distributed.wrap=[LlamaDecoderLayer]",
+    cfg = load_config(None, ["data.source=x", "data.format=samsum", "distributed.wrap=[LlamaDecoderLayer]",
                              "distributed.reshard_after_forward=false"])
     assert distributed.trainer_arguments(cfg) == {}  # one process: nothing distributed
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -187,11 +187,11 @@ def test_qlora_under_fsdp_stores_4bit_weights_in_the_compute_dtype():
 def test_config_rejects_what_fsdp_cannot_do(overrides, field):
     from tunelab.distributed import check
 
-    cfg = load_config(None, ["data.source=x", "data.adapter=samsum", *overrides])
+    cfg = load_config(None, ["data.source=x", "data.format=samsum", *overrides])
     check(cfg, 1)  # one process: the distributed section does not apply
     with pytest.raises(TunelabError, match=field):
         check(cfg, 2)
-    check(load_config(None, ["data.source=x", "data.adapter=samsum", "distributed.strategy=ddp", "quantization.bits=8"]), 2)
+    check(load_config(None, ["data.source=x", "data.format=samsum", "distributed.strategy=ddp", "quantization.bits=8"]), 2)
 
 
 def test_nproc_relaunches_the_same_command_under_torchrun(tmp_path, monkeypatch):

@@ -56,7 +56,7 @@ def lora_run(tmp_path_factory, tiny_model_dir):
     folder = tmp_path_factory.mktemp("eval-run")
     write_task(folder / "data", seed=0)
     cfg = load_config(None, [
-        f"model.name={tiny_model_dir}", f"data.source={folder / 'data'}", "data.adapter=custom",
+        f"model.name={tiny_model_dir}", f"data.source={folder / 'data'}", "data.format=custom",
         "data.fields={messages: messages}", f"run.dir={folder / 'run'}", "data.max_length=256",
         "data.max_train_samples=16", "data.max_eval_samples=4", "data.test_fraction=0.05", "train.batch_size=4",
         "train.lr=3e-3", "train.max_steps=2", "eval.before=false", "eval.generation_samples=1",

@@ -61,7 +61,7 @@ def test_too_few_rows_for_the_folds():
         _folds(3, 4, seed=0)
 
 
-BASE = ["data.adapter=samsum", "data.source=x"]
+BASE = ["data.format=samsum", "data.source=x"]
 
 
 @pytest.mark.parametrize(("overrides", "message"), [

@@ -1,4 +1,4 @@
-"""Preference data: hh_rlhf / orca_dpo / review-export / custom adapters, row checks, splits, filters."""
+"""Preference data: hh_rlhf / orca_dpo / review-export / custom formats, row checks, splits, filters."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import shared_data
 from tunelab.config import load_config
-from tunelab.data.adapters import get_adapter
+from tunelab.data.formats import get_format
 from tunelab.data.preferences import load_preferences
 from tunelab.errors import TunelabError
 
@@ -24,11 +24,11 @@ def _write(path, rows):
 
 
 def test_hh_rlhf_prompt_is_the_shared_prefix_on_real_rows():
-    adapter = get_adapter("hh_rlhf")
+    data_format = get_format("hh_rlhf")
     rows = _rows(shared_data("hh_rlhf_harmless_base") / "test.jsonl")
-    assert all(adapter.problems(row) == [] for row in rows)
+    assert all(data_format.problems(row) == [] for row in rows)
     for row in rows[:200]:
-        pair = adapter.convert(row)
+        pair = data_format.convert(row)
         prompt = pair["prompt"]
         assert prompt[0]["role"] == "user" and prompt[-1]["role"] == "user"
         # the transcript is the prompt's turns, then the answer as the final Assistant turn
@@ -37,40 +37,40 @@ def test_hh_rlhf_prompt_is_the_shared_prefix_on_real_rows():
             assert " ".join(row[side].split()) == " ".join(f"{turns}\n\nAssistant: {pair[side][0]['content']}".split())
     # row 1255: the chosen answer itself contains a later "Assistant:" line; the prompt must stop
     # where the two transcripts part, not at the chosen transcript's own last marker
-    pair = adapter.convert(rows[1254])
+    pair = data_format.convert(rows[1254])
     assert pair["prompt"][-1]["content"] == "Isn't that drag kings?"
     assert "\n\nAssistant:" in pair["chosen"][0]["content"]
     assert pair["rejected"][0]["content"].startswith("A drag king is the opposite of a drag queen")
 
 
 def test_hh_rlhf_rows_without_a_shared_prompt_are_problems():
-    adapter = get_adapter("hh_rlhf")
+    data_format = get_format("hh_rlhf")
     same = "\n\nHuman: hi\n\nAssistant: hello"
-    assert adapter.problems({"chosen": same, "rejected": same + " "}) == [
+    assert data_format.problems({"chosen": same, "rejected": same + " "}) == [
         "fields 'chosen' and 'rejected' are identical (nothing to prefer)"]
-    assert "share no prompt" in adapter.problems({"chosen": "\n\nHuman: a\n\nAssistant: b",
+    assert "share no prompt" in data_format.problems({"chosen": "\n\nHuman: a\n\nAssistant: b",
                                                   "rejected": "\n\nHuman: x\n\nAssistant: b"})[0]
-    assert "does not start with" in adapter.problems({"chosen": "\n\nAssistant: a\n\nAssistant: b",
+    assert "does not start with" in data_format.problems({"chosen": "\n\nAssistant: a\n\nAssistant: b",
                                                       "rejected": "\n\nAssistant: a\n\nAssistant: c"})[0]
 
 
 def test_orca_dpo_keeps_the_system_prompt():
     row = _rows(shared_data("orca_dpo_pairs") / "validation.jsonl", 1)[0]
-    pair = get_adapter("orca_dpo").convert(row)
+    pair = get_format("orca_dpo").convert(row)
     assert [m["role"] for m in pair["prompt"]] == ["system", "user"]
     assert pair["prompt"][1]["content"] == row["question"].strip()
     assert pair["chosen"] == [{"role": "assistant", "content": row["chosen"].strip()}]
 
 
 def test_review_export_rows_text_or_messages():
-    adapter = get_adapter("preferences")
+    data_format = get_format("preferences")
     text = {"id": "a", "prompt": "Hi?", "chosen": "Hello.", "rejected": "Go away.", "agreement": 0.8, "n_reviewers": 3}
-    assert adapter.problems(text) == []
-    assert adapter.convert(text)["prompt"] == [{"role": "user", "content": "Hi?"}]
-    assert adapter.convert(text)["agreement"] == 0.8
+    assert data_format.problems(text) == []
+    assert data_format.convert(text)["prompt"] == [{"role": "user", "content": "Hi?"}]
+    assert data_format.convert(text)["agreement"] == 0.8
     chat = {**text, "prompt": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi?"}],
             "agreement": None, "n_reviewers": 1}
-    assert adapter.problems(chat) == [] and adapter.convert(chat)["agreement"] is None
+    assert data_format.problems(chat) == [] and data_format.convert(chat)["agreement"] is None
 
 
 @pytest.mark.parametrize(("change", "problem"), [
@@ -84,11 +84,11 @@ def test_review_export_rows_text_or_messages():
 ])
 def test_review_export_problems_name_the_field(change, problem):
     row = {"prompt": "q", "chosen": "a", "rejected": "b", "agreement": 0.5, "n_reviewers": 2, **change}
-    assert get_adapter("preferences").problems(row) == [problem]
+    assert get_format("preferences").problems(row) == [problem]
 
 
 def _cfg(tmp_path, *overrides):
-    return load_config(None, [f"data.source={tmp_path}", f"run.dir={tmp_path / 'run'}", "data.adapter=preferences",
+    return load_config(None, [f"data.source={tmp_path}", f"run.dir={tmp_path / 'run'}", "data.format=preferences",
                               "data.validation_fraction=0.25", *overrides])
 
 
@@ -115,10 +115,10 @@ def test_min_agreement_and_max_length_drop_and_count(tmp_path, tokenizer):
 
 def test_custom_preference_fields_and_chat_adapters_are_refused(tmp_path, tokenizer):
     _write(tmp_path / "train.jsonl", [{"q": f"q{i}", "good": "yes", "bad": "no"} for i in range(8)])
-    cfg = _cfg(tmp_path, "data.adapter=custom", "data.fields={prompt: q, chosen: good, rejected: bad}")
+    cfg = _cfg(tmp_path, "data.format=custom", "data.fields={prompt: q, chosen: good, rejected: bad}")
     assert load_preferences(cfg, tokenizer).train[0]["chosen"] == [{"role": "assistant", "content": "yes"}]
-    with pytest.raises(TunelabError, match="data.adapter: 'samsum' gives chat examples, not preference pairs"):
-        load_preferences(_cfg(tmp_path, "data.adapter=samsum"), tokenizer)
+    with pytest.raises(TunelabError, match="data.format: 'samsum' gives chat examples, not preference pairs"):
+        load_preferences(_cfg(tmp_path, "data.format=samsum"), tokenizer)
 
 
 def test_preference_config_errors_name_the_field():

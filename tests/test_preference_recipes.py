@@ -34,13 +34,13 @@ def reward_run(tmp_path_factory, tiny_model_dir):
 
 def test_reward_recipe(reward_run):
     summary = json.loads((reward_run.run_dir / "summary.json").read_text())
-    assert summary["train"]["steps"] == 1 and summary["data"]["adapter"] == "hh_rlhf"
+    assert summary["train"]["steps"] == 1 and summary["data"]["format"] == "hh_rlhf"
     assert set(summary["eval"]["after"]) == {"loss", "accuracy", "margin"}
 
 
 def test_dpo_recipe(tmp_path, tiny_model_dir):
     summary = dpo.run(_cfg("dpo.yaml", tmp_path, tiny_model_dir, "train.batch_size=1", "eval.batch_size=2")).summary
-    assert summary["train"]["steps"] == 1 and summary["data"]["adapter"] == "hh_rlhf"
+    assert summary["train"]["steps"] == 1 and summary["data"]["format"] == "hh_rlhf"
     assert {"loss", "reward_accuracy", "reward_margin", "logp_accuracy", "rouge_l"} <= set(summary["eval"]["after"])
 
 

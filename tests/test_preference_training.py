@@ -31,7 +31,7 @@ def marker_pairs(tmp_path_factory):
 
 def _cfg(run_dir, model_dir, data_dir, *overrides):
     return load_config(None, [
-        f"model.name={model_dir}", f"data.source={data_dir}", f"run.dir={run_dir}", "data.adapter=custom",
+        f"model.name={model_dir}", f"data.source={data_dir}", f"run.dir={run_dir}", "data.format=custom",
         "data.fields={prompt: question, chosen: chosen, rejected: rejected}", "data.max_length=64",
         "data.max_eval_samples=8", "train.batch_size=4", "train.lr=1e-2", "train.warmup_ratio=0", "train.max_steps=4",
         "eval.batch_size=8", "eval.generation_samples=2", "eval.max_new_tokens=3", *overrides,

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from tests.review_support import make_project
-from tunelab.data.adapters import ADAPTERS
+from tunelab.data.formats import FORMATS
 from tunelab.review import agreement, assign
 from tunelab.review.aggregate import load
 from tunelab.review.export import export, pairs
@@ -101,7 +101,7 @@ def test_export_pairs_consensus_ties_and_agreement(tmp_path):
     n, _ = export(store, tmp_path / "prefs.jsonl", "all")
     lines = [json.loads(x) for x in (tmp_path / "prefs.jsonl").read_text().splitlines()]
     assert n == 2 and set(lines[0]) == {"id", "prompt", "chosen", "rejected", "agreement", "n_reviewers"}
-    adapter = ADAPTERS["preferences"]  # what `tunelab dpo|reward data.adapter=preferences` reads
+    adapter = FORMATS["preferences"]  # what `tunelab dpo|reward data.format=preferences` reads
     assert all(adapter.problems(row) == [] for row in lines)
     assert adapter.convert(lines[0])["agreement"] == 0.75
     html, summary = write_report(store, tmp_path / "report")

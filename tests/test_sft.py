@@ -18,7 +18,7 @@ RUN_FILES = {"config.yaml", "metrics.jsonl", "summary.json", "report.html", "sam
 
 def _cfg(tmp_path, model_dir, task_dir, *overrides):
     return load_config(None, [
-        f"model.name={model_dir}", f"data.source={task_dir}", "data.adapter=custom",
+        f"model.name={model_dir}", f"data.source={task_dir}", "data.format=custom",
         "data.fields={messages: messages}", f"run.dir={tmp_path / 'run'}", "data.max_length=256",
         "data.max_train_samples=48", "data.max_eval_samples=8", "train.batch_size=2", "train.lr=3e-3",
         "train.max_steps=6", "eval.generation_samples=2", "eval.max_new_tokens=4", *overrides,

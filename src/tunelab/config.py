@@ -7,6 +7,7 @@ This module imports no torch/transformers so `--help` and validation stay fast.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -14,6 +15,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tunelab.errors import TunelabError
+
+log = logging.getLogger(__name__)
 
 
 class _Section(BaseModel):
@@ -70,9 +73,22 @@ class PeftConfig(_Section):
     """`all-linear` or a list of module names such as [q_proj, v_proj]."""
 
 
+def renamed_format(data: Any, where: str) -> Any:
+    """Accept `adapter`, the old name of a data `format` key, with a one-line notice (the name meant
+    a LoRA folder elsewhere; the data side is called a format now)."""
+    if not isinstance(data, dict) or "adapter" not in data:
+        return data
+    if "format" in data:
+        raise ValueError(f"{where}.adapter: the old name of {where}.format; keep only {where}.format")
+    log.warning("%s.adapter is now called %s.format (the old name still works)", where, where)
+    data = dict(data)
+    data["format"] = data.pop("adapter")
+    return data
+
+
 class DataConfig(_Section):
-    adapter: str = "custom"
-    """Dataset adapter: samsum, cnn_dailymail, openorca, guanaco, alpaca or custom; for reward/dpo/rl:
+    format: str = "custom"
+    """Data format: samsum, cnn_dailymail, openorca, guanaco, alpaca or custom; for reward/dpo/rl:
     hh_rlhf, orca_dpo, preferences (the review export) or custom with {prompt, chosen, rejected} fields."""
     source: str | None = None
     """Hub dataset id, a local file, or a folder with train/validation/test files."""
@@ -104,6 +120,11 @@ class DataConfig(_Section):
     """The part (0-based, < folds) that validates; the others train. The source's validation split is unused."""
     num_proc: int | None = Field(None, ge=1)
     """Worker processes for tokenization; default: the number of CPU cores."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_names(cls, data: Any) -> Any:
+        return renamed_format(data, "data")
 
 
 class EarlyStoppingConfig(_Section):
@@ -310,8 +331,8 @@ class Config(_Section):
         problems = []
         if self.data.source is None:
             problems.append("data.source: required (a Hub dataset id, a file or a folder)")
-        if self.data.adapter == "custom" and not self.data.fields:
-            problems.append("data.fields: required for data.adapter=custom, e.g. {prompt: question, completion: answer}")
+        if self.data.format == "custom" and not self.data.fields:
+            problems.append("data.fields: required for data.format=custom, e.g. {prompt: question, completion: answer}")
         if self.quantization.bits and self.peft.method == "full":
             problems.append(
                 "quantization.bits: a quantized base cannot be fully fine-tuned; use peft.method=lora (QLoRA) "

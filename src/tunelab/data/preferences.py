@@ -1,6 +1,6 @@
 """Preference pairs for `tunelab reward | dpo | rl`: load, validate, split, and drop what cannot fit.
 
-Rows come through the same adapters and checks as SFT data (`sources.load_examples`: every bad
+Rows come through the same data formats and checks as SFT data (`sources.load_examples`: every bad
 row reported as `file:line: field …`), in trl's conversational shape — `prompt` messages ending
 on a user turn, `chosen` and `rejected` one assistant message each — so trl renders them with
 the model's own chat template. Pairs longer than `data.max_length` are dropped here and counted,
@@ -69,21 +69,21 @@ def _agreeing(rows: Dataset, min_agreement: float | None) -> tuple[Dataset, int]
 
 def load_preferences(cfg: Config, tokenizer) -> PreferenceData:
     """Validated, split, length-checked preference pairs for the data.* and preference.* settings."""
-    from tunelab.data.adapters import PREFERENCE_COLUMNS, get_adapter
+    from tunelab.data.formats import PREFERENCE_COLUMNS, get_format
     from tunelab.data.prepare import split
     from tunelab.data.sources import load_examples
 
     data = cfg.data
-    adapter = get_adapter(data.adapter, data.fields)
-    if adapter.columns[:3] != PREFERENCE_COLUMNS:
+    data_format = get_format(data.format, data.fields)
+    if data_format.columns[:3] != PREFERENCE_COLUMNS:
         raise TunelabError(
-            f"data.adapter: '{data.adapter}' gives chat examples, not preference pairs; use hh_rlhf, orca_dpo, "
+            f"data.format: '{data.format}' gives chat examples, not preference pairs; use hh_rlhf, orca_dpo, "
             "preferences (a `tunelab review export` file) or custom with data.fields {prompt, chosen, rejected}"
         )
     if data.overlong != "drop":
         raise TunelabError("data.overlong: preference pairs are never truncated (a cut answer would be judged "
                            "unfairly); set data.overlong=drop and raise data.max_length to keep long pairs")
-    examples, source_stats = load_examples(data.source, adapter, bad_rows=data.bad_rows, subset=data.subset,
+    examples, source_stats = load_examples(data.source, data_format, bad_rows=data.bad_rows, subset=data.subset,
                                            num_proc=data.num_proc)
     if "train" not in examples:  # a single file (hh-rlhf's test.jsonl) is the data to split, not a test set
         examples = DatasetDict({"train": examples[next(iter(examples))]})
@@ -101,7 +101,7 @@ def load_preferences(cfg: Config, tokenizer) -> PreferenceData:
                            f"{cfg.preference.min_agreement})")
     stats = {
         "source": data.source,
-        "adapter": data.adapter,
+        "format": data.format,
         "train_pairs": len(train),
         "eval_pairs": len(validation),
         "test_pairs": len(test) if test is not None else 0,

@@ -141,11 +141,10 @@ def batch_rows(rows: Dataset, cfg: DataConfig, name: str) -> Dataset:
 
 
 def prepare(cfg: DataConfig, tokenizer, seed: int) -> PreparedData:
-    from tunelab.data.adapters import get_adapter
+    from tunelab.data.formats import get_format
     from tunelab.data.sources import load_examples
 
-    adapter = get_adapter(cfg.adapter, cfg.fields)
-    examples, source_stats = load_examples(cfg.source, adapter, bad_rows=cfg.bad_rows, subset=cfg.subset,
+    examples, source_stats = load_examples(cfg.source, get_format(cfg.format, cfg.fields), bad_rows=cfg.bad_rows, subset=cfg.subset,
                                            num_proc=cfg.num_proc)
     train_ex, eval_ex, test_ex = split(examples, cfg, seed)
     train_rows, train_drop = tokenize(train_ex, tokenizer, cfg, "train")
@@ -158,7 +157,7 @@ def prepare(cfg: DataConfig, tokenizer, seed: int) -> PreparedData:
     train_tokens = int(sum(train_rows["length"]))
     stats = {
         "source": cfg.source,
-        "adapter": cfg.adapter,
+        "format": cfg.format,
         "batching": cfg.batching,
         "train_samples": len(train_rows),
         "eval_samples": len(eval_rows),

@@ -1,6 +1,6 @@
 """Load `data.source` (a local file or folder, or a Hub dataset id) into validated chat examples.
 
-Every row is checked with the adapter *before* Hugging Face `datasets` reads the files, so a bad
+Every row is checked against its data format *before* Hugging Face `datasets` reads the files, so a bad
 row is reported as `file:line: field 'x' …` instead of a pyarrow stack trace deep inside
 `load_dataset`. The raw files are then still read by `load_dataset` and converted with
 `Dataset.map`, so the result is Arrow on disk and the next run with the same files reuses it.
@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tunelab.data import synthetic
-from tunelab.data.adapters import Adapter
+from tunelab.data.formats import Format
 from tunelab.errors import TunelabError
 
 logger = logging.getLogger(__name__)
@@ -179,14 +179,14 @@ class _Problems:
                 self.more += 1
 
 
-def _scan(rows: Iterable[tuple[str, dict | None, str | None]], adapter: Adapter, found: _Problems) -> _Scan:
-    """Check every (location, row, parse error) of one split with the adapter."""
+def _scan(rows: Iterable[tuple[str, dict | None, str | None]], data_format: Format, found: _Problems) -> _Scan:
+    """Check every (location, row, parse error) of one split against the data format."""
     scan = _Scan()
     for index, (location, row, error) in enumerate(rows):
         if not scan.columns and row is not None:
             scan.columns = list(row)
         scan.total += 1
-        problems = [error] if error else adapter.problems(row)
+        problems = [error] if error else data_format.problems(row)
         if problems:
             scan.bad.append(index)
             scan.unparsed |= error is not None
@@ -237,7 +237,7 @@ def _without(ds: datasets.Dataset, bad: list[int]) -> datasets.Dataset:
     return ds.select([i for i in range(len(ds)) if i not in drop])
 
 
-def _read_split(split: str, files: list[Path], scan: _Scan, adapter: Adapter, cache_dir: str | None):
+def _read_split(split: str, files: list[Path], scan: _Scan, data_format: Format, cache_dir: str | None):
     """The raw rows of one split without its bad rows, read (and cached) by `load_dataset`.
 
     When `load_dataset` cannot read the files (lines that are not JSON, differing CSV headers, a
@@ -267,7 +267,7 @@ def _read_split(split: str, files: list[Path], scan: _Scan, adapter: Adapter, ca
             reason = f"it read {len(raw)} rows where the scan found {scan.total}"
     logger.warning("data.source: datasets could not read the %s files (%s); loading them in memory", split, reason)
     bad = set(scan.bad)
-    columns = [*adapter.required, *adapter.optional]
+    columns = [*data_format.required, *data_format.optional]
     rows = (row for i, (_location, row, _error) in enumerate(_local_rows(files)) if i not in bad)
     return datasets.Dataset.from_list([{c: row.get(c) for c in columns} for row in rows])
 
@@ -290,14 +290,14 @@ def _convert_batch(batch: dict[str, list], convert, columns: tuple[str, ...]) ->
 
 def load_examples(
     source: str,
-    adapter: Adapter,
+    data_format: Format,
     *,
     bad_rows: str = "error",
     subset: str | None = None,
     num_proc: int | None = None,
     cache_dir: str | None = None,
 ) -> tuple[datasets.DatasetDict, dict]:
-    """Validated examples (the adapter's `columns`: `messages`, or prompt/chosen/rejected) per split, and stats:
+    """Validated examples (the format's `columns`: `messages`, or prompt/chosen/rejected) per split, and stats:
     `{"rows": {split: kept}, "bad_rows": dropped, "files": {split: [paths]}}`.
 
     `source` is a local file or folder (see `find_splits`) or else a Hub dataset id (`subset` is
@@ -311,9 +311,9 @@ def load_examples(
     source = synthetic.local_source(source)
     splits = find_splits(source)
     if splits is not None:
-        scans = {split: _scan(_local_rows(files), adapter, found) for split, files in splits.items()}
+        scans = {split: _scan(_local_rows(files), data_format, found) for split, files in splits.items()}
         _report(source, scans, found, bad_rows)
-        raws = {split: _read_split(split, files, scans[split], adapter, cache_dir) for split, files in splits.items()}
+        raws = {split: _read_split(split, files, scans[split], data_format, cache_dir) for split, files in splits.items()}
         files = {split: [str(f) for f in paths] for split, paths in splits.items()}
     else:
         if not _HUB_ID.fullmatch(source) or Path(source).suffix.lower() in BUILDERS:
@@ -325,15 +325,15 @@ def load_examples(
                 f"data.source '{source}' is neither an existing local path nor a reachable Hugging Face Hub "
                 f"dataset ({type(e).__name__}: {e})"
             ) from e
-        scans = {split: _scan(_hub_rows(source, split, ds), adapter, found) for split, ds in hub.items()}
+        scans = {split: _scan(_hub_rows(source, split, ds), data_format, found) for split, ds in hub.items()}
         _report(source, scans, found, bad_rows)
         raws = {split: _without(ds, scans[split].bad) for split, ds in hub.items()}
         files = {split: [f"{source}[{split}]"] for split in hub}
     examples = datasets.DatasetDict(
         {
             split: raw.map(
-                _convert_batch, batched=True, fn_kwargs={"convert": adapter.convert, "columns": adapter.columns},
-                remove_columns=raw.column_names, num_proc=num_proc, desc=f"{adapter.name} rows → messages ({split})",
+                _convert_batch, batched=True, fn_kwargs={"convert": data_format.convert, "columns": data_format.columns},
+                remove_columns=raw.column_names, num_proc=num_proc, desc=f"{data_format.name} rows → messages ({split})",
             )  # fmt: skip
             for split, raw in raws.items()
         }

@@ -4,7 +4,7 @@
 - `rouge`, `exact_match`, `bleu`: greedy generations for the examples' prompts, scored against
   their last (assistant) turn;
 - `hellaswag`, `truthfulqa_mc1`, `truthfulqa_mc2`: lm-evaluation-harness (`evals/harness.py`);
-- a path to a task YAML: the user's own dataset, adapter and metrics (`TaskSpec`).
+- a path to a task YAML: the user's own dataset, data format and metrics (`TaskSpec`).
 
 Dataset tasks share their examples (`Rows`), and generations are made once per model and row
 set (`Generations`), so asking for rouge, exact_match and bleu generates once.
@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from tunelab.config import renamed_format
 from tunelab.errors import TunelabError
 from tunelab.evals.harness import HARNESS_TASKS
 
@@ -121,13 +122,13 @@ def score_generations(predictions: list[str], references: list[str], names: list
     return result
 
 
-def load_rows(source: str, adapter: str, fields: dict[str, str] | None, split: str, limit: int | None, *,
+def load_rows(source: str, data_format: str, fields: dict[str, str] | None, split: str, limit: int | None, *,
               subset: str | None = None, system_prompt: str | None = None) -> Rows:
     """The first `limit` examples of one split of a dataset (a single local file is its own split)."""
-    from tunelab.data.adapters import get_adapter
+    from tunelab.data.formats import get_format
     from tunelab.data.sources import load_examples
 
-    examples, _stats = load_examples(source, get_adapter(adapter, fields), subset=subset)
+    examples, _stats = load_examples(source, get_format(data_format, fields), subset=subset)
     if split not in examples and Path(source).is_file():
         split = next(iter(examples))
     if split not in examples:
@@ -138,14 +139,14 @@ def load_rows(source: str, adapter: str, fields: dict[str, str] | None, split: s
     if system_prompt is not None:
         messages = [[{"role": "system", "content": system_prompt}, *(m for m in turns if m["role"] != "system")]
                     for turns in messages]
-    return Rows(messages, f"{source} [{split}] ({adapter} adapter)")
+    return Rows(messages, f"{source} [{split}] ({data_format} format)")
 
 
 def run_rows(run_dir: Path, limit: int | None) -> Rows:
     """A run's held-out examples: its test.jsonl if it has one, else the validation rows it was
     evaluated on during training (same source, split and seed)."""
     from tunelab.config import load_config
-    from tunelab.data.adapters import get_adapter
+    from tunelab.data.formats import get_format
     from tunelab.data.prepare import split
     from tunelab.data.sources import load_examples
 
@@ -155,7 +156,7 @@ def run_rows(run_dir: Path, limit: int | None) -> Rows:
     if test.is_file():
         rows = load_rows(str(test), "custom", {"messages": "messages"}, "test", limit)
         return Rows(rows.examples, f"{test} (the run's test split)", completion_only)
-    examples, _stats = load_examples(cfg.data.source, get_adapter(cfg.data.adapter, cfg.data.fields),
+    examples, _stats = load_examples(cfg.data.source, get_format(cfg.data.format, cfg.data.fields),
                                      subset=cfg.data.subset, bad_rows=cfg.data.bad_rows)
     _train, validation, _test = split(examples, cfg.data, cfg.run.seed)
     validation = validation.select(range(min(limit, len(validation)))) if limit else validation
@@ -169,12 +170,12 @@ class TaskSpec(BaseModel):
 
     name: str
     """Shown in results.json and the report."""
-    adapter: str
-    """Dataset adapter (samsum, cnn_dailymail, openorca, guanaco, alpaca, custom)."""
+    format: str
+    """Data format (samsum, cnn_dailymail, openorca, guanaco, alpaca, custom)."""
     source: str
     """Hub dataset id, or a local file/folder (relative paths: from the YAML's folder if it exists there)."""
     fields: dict[str, str] | None = None
-    """Column mapping for the custom adapter."""
+    """Column mapping for the custom format."""
     subset: str | None = None
     """Hub dataset config name."""
     split: str = "validation"
@@ -182,9 +183,14 @@ class TaskSpec(BaseModel):
     metrics: list[Metric] = Field(min_length=1)
     """perplexity and/or generation metrics (rouge, rouge_l, exact_match, field_accuracy, bleu)."""
     system_prompt: str | None = None
-    """Replaces the examples' system message (prompt style); null keeps the adapter's."""
+    """Replaces the examples' system message (prompt style); null keeps the format's."""
     max_new_tokens: int | None = Field(None, ge=1)
     """Generation length limit; null = the command's --max-new-tokens."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_names(cls, data):
+        return renamed_format(data, "task")
 
 
 def read_task_file(path: Path) -> TaskSpec:
@@ -222,6 +228,6 @@ def check_names(names: list[str]) -> None:
 def custom_task(path: Path, limit: int | None) -> DatasetTask:
     spec = read_task_file(path)
     source = path.parent / spec.source
-    rows = load_rows(str(source) if source.exists() else spec.source, spec.adapter, spec.fields, spec.split, limit,
+    rows = load_rows(str(source) if source.exists() else spec.source, spec.format, spec.fields, spec.split, limit,
                      subset=spec.subset, system_prompt=spec.system_prompt)
     return DatasetTask(spec.name, tuple(spec.metrics), rows, spec.max_new_tokens)

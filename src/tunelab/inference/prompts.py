@@ -91,17 +91,17 @@ def load_style(name: str) -> Style:
                  requires=list(data.get("requires", [])), k=int(data.get("k", 3)))
 
 
-def load_examples(source: str, adapter: str | None = None, k: int = 3) -> list[tuple[str, str]]:
-    """k (question, answer) pairs: from a dataset through a data adapter (`--examples-adapter samsum`),
+def load_examples(source: str, data_format: str | None = None, k: int = 3) -> list[tuple[str, str]]:
+    """k (question, answer) pairs: from a dataset through a data format (`--examples-format samsum`),
     or from a .jsonl file of {"prompt", "completion"} or {"messages"} rows."""
-    if adapter:
+    if data_format:
         from tunelab.evals.tasks import load_rows
 
-        rows = load_rows(source, adapter, None, "train", k).examples
+        rows = load_rows(source, data_format, None, "train", k).examples
         return [(_last(m, "user"), _last(m, "assistant")) for m in rows]
     path = Path(source)
     if not path.is_file():
-        raise TunelabError(f"--examples {source}: no such file (a .jsonl file, or a dataset with --examples-adapter)")
+        raise TunelabError(f"--examples {source}: no such file (a .jsonl file, or a dataset with --examples-format)")
     pairs = []
     for line_no, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():

@@ -1,9 +1,9 @@
-"""Adapters: turn one raw dataset row into a chat *example* `{"messages": [...]}`.
+"""Data formats: turn one raw dataset row into a chat *example* `{"messages": [...]}`.
 
 Every example ends with an assistant turn (the completion, where the loss goes), so the rest of
 the pipeline never needs to know which dataset it came from. `problems` and `convert` are kept
 apart so that every row can be checked (and reported by file/line/field) before any of them is
-converted. Adapters are frozen dataclasses: `convert` is then a picklable, deterministic bound
+converted. Formats are frozen dataclasses: `convert` is then a picklable, deterministic bound
 method, which `datasets.Dataset.map` can fingerprint (cache) and ship to worker processes.
 """
 
@@ -22,7 +22,7 @@ SPEAKER_ROLES = {"Human": "user", "Assistant": "assistant"}
 _TYPE_NAMES = {str: "string", list: "list"}
 
 
-class Adapter:
+class Format:
     """Base: checks the declared fields' presence and types; subclasses build the messages."""
 
     name: str
@@ -54,7 +54,7 @@ class Adapter:
 
 
 @dataclass(frozen=True)
-class PromptCompletion(Adapter):
+class PromptCompletion(Format):
     """[system?] + user + assistant from one column each; `template` wraps the prompt text."""
 
     name: str
@@ -110,7 +110,7 @@ def split_turns(marker: re.Pattern, text: str) -> list[tuple[str, str]]:
 
 
 @dataclass(frozen=True)
-class Guanaco(Adapter):
+class Guanaco(Format):
     """OASST Guanaco text: `### Human: …### Assistant: …`, repeated, with no separator between turns."""
 
     name: str = "guanaco"
@@ -164,7 +164,7 @@ def message_problems(column: str, messages: list, last_role: str) -> list[str]:
 
 
 @dataclass(frozen=True)
-class Messages(Adapter):
+class Messages(Format):
     """A column that already holds the conversation as a list of {role, content} dicts."""
 
     name: str
@@ -207,7 +207,7 @@ def _identical(row: dict, chosen: str, rejected: str) -> list[str]:
 
 
 @dataclass(frozen=True)
-class PromptPreference(Adapter):
+class PromptPreference(Format):
     """[system?] + user prompt, a chosen and a rejected answer, one column each (orca_dpo, custom)."""
 
     name: str
@@ -236,7 +236,7 @@ class PromptPreference(Adapter):
 
 
 @dataclass(frozen=True)
-class HhRlhf(Adapter):
+class HhRlhf(Format):
     """Anthropic HH-RLHF: `chosen` and `rejected` are whole `\n\nHuman: …\n\nAssistant: …` transcripts.
 
     The prompt is their shared prefix, cut back to the last `\n\nAssistant:` inside it; the rest
@@ -290,7 +290,7 @@ class HhRlhf(Adapter):
 
 
 @dataclass(frozen=True)
-class ReviewExport(Adapter):
+class ReviewExport(Format):
     """What `tunelab review export` writes: `prompt` (text, or a list of {role, content} ending on a
     user turn), `chosen`, `rejected`, and the reviewers' `agreement` (0-1 or null) and `n_reviewers`."""
 
@@ -335,9 +335,9 @@ class ReviewExport(Adapter):
                 "agreement": None if agreement is None else float(agreement)}
 
 
-ADAPTERS: dict[str, Adapter] = {
-    adapter.name: adapter
-    for adapter in (
+FORMATS: dict[str, Format] = {
+    fmt.name: fmt
+    for fmt in (
         PromptCompletion("samsum", prompt="dialogue", completion="summary", template=SAMSUM_TEMPLATE),
         PromptCompletion("cnn_dailymail", prompt="article", completion="highlights", template=CNN_DAILYMAIL_TEMPLATE),
         PromptCompletion("openorca", prompt="question", completion="response", system="system_prompt"),
@@ -348,11 +348,11 @@ ADAPTERS: dict[str, Adapter] = {
         ReviewExport(),
     )
 }
-"""The fixed adapters by name; `custom` is built per config by `custom_adapter`."""
+"""The fixed formats by name; `custom` is built per config by `custom_format`."""
 
 
-def custom_adapter(fields: dict[str, str] | None) -> Adapter:
-    """`{prompt, completion, system?}` or `{messages}` mapping adapter keys to the data's columns."""
+def custom_format(fields: dict[str, str] | None) -> Format:
+    """`{prompt, completion, system?}` or `{messages}` mapping the format's keys to the data's columns."""
     keys = set(fields or {})
     if keys == {"messages"}:
         return Messages("custom", column=fields["messages"])
@@ -361,19 +361,19 @@ def custom_adapter(fields: dict[str, str] | None) -> Adapter:
     if {"prompt", "chosen", "rejected"} <= keys <= {"prompt", "chosen", "rejected", "system"}:
         return PromptPreference("custom", fields["prompt"], fields["chosen"], fields["rejected"], fields.get("system"))
     raise TunelabError(
-        f"data.fields: {fields!r} is not usable for the custom adapter; give either "
+        f"data.fields: {fields!r} is not usable for the custom format; give either "
         "{prompt: <column>, completion: <column>} with an optional system: <column>, "
         "or {messages: <column holding a list of {role, content}>}, "
         "or for preference pairs {prompt: <column>, chosen: <column>, rejected: <column>} (optional system)"
     )
 
 
-def get_adapter(name: str, fields: dict[str, str] | None = None) -> Adapter:
-    """The adapter called `name`; `fields` is the column mapping that only `custom` takes."""
+def get_format(name: str, fields: dict[str, str] | None = None) -> Format:
+    """The format called `name`; `fields` is the column mapping that only `custom` takes."""
     if name == "custom":
-        return custom_adapter(fields)
-    if name not in ADAPTERS:
-        raise TunelabError(f"data.adapter: unknown adapter '{name}'; choose one of {', '.join([*ADAPTERS, 'custom'])}")
+        return custom_format(fields)
+    if name not in FORMATS:
+        raise TunelabError(f"data.format: unknown format '{name}'; choose one of {', '.join([*FORMATS, 'custom'])}")
     if fields:
-        raise TunelabError(f"data.fields: only used by data.adapter=custom, not by '{name}'; remove it")
-    return ADAPTERS[name]
+        raise TunelabError(f"data.fields: only used by data.format=custom, not by '{name}'; remove it")
+    return FORMATS[name]
