@@ -78,6 +78,12 @@ IMPLS = ("baseline", "baseline_fixed", "tunelab_stock", "tunelab")
 DEFAULT_IMPLS = ("baseline_fixed", "tunelab_stock", "tunelab")
 
 
+def read_lengths(path: Path) -> list[int]:
+    """Sample token lengths: a JSON list, or data_prep's {"pairs": [[prompt, completion], ...]} (their sums)."""
+    data = json.loads(path.read_text())
+    return [sum(pair) for pair in data["pairs"]] if isinstance(data, dict) else [int(n) for n in data]
+
+
 def samples(lengths: list[int], n: int, vocab: int, seed: int = 0) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(100, vocab - 100) for _ in range(rng.choice(lengths))] for _ in range(n)]
@@ -148,6 +154,7 @@ def one(config: str, impl: str, model_dir: Path, lengths: list[int], steps: int)
     model, enabled = load(bench, impl, model_dir)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     torch.cuda.reset_peak_memory_stats()
+    loaded = torch.cuda.memory_allocated() / 2**30  # weights and adapters: the peak above it is the step's
     # enough samples for `steps` packed steps, plus the profiler's; the baseline takes as many sample batches
     per_row = max(1, int(bench.seq // statistics.mean(lengths)))
     rows = samples(lengths, bench.batch * (steps + 4) * (per_row + 1), model.config.vocab_size)
@@ -165,7 +172,8 @@ def one(config: str, impl: str, model_dir: Path, lengths: list[int], steps: int)
     row = {"config": config, "impl": impl, "tokens_per_s": tokens / sum(times),
            "step_time_median_s": statistics.median(times), "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
            "loss_max_rel_diff": None, "gpu": torch.cuda.get_device_name(), "steps_timed": len(times),
-           "kernels": enabled, "losses": losses, "allocated_before_load_gib": leftover}
+           "kernels": enabled, "losses": losses, "allocated_before_load_gib": leftover,
+           "allocated_after_load_gib": loaded}
     if impl == "tunelab":
         row["activation_offload"] = bench.offload
     return row, (model, opt, feed)
@@ -177,7 +185,7 @@ def profile(model, opt, feed, steps: int = 2, top: int = 15) -> dict:
     from torch.profiler import profile as torch_profile
 
     step(model, opt, next(feed)[0])  # the profiler's own warm-up
-    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             step(model, opt, next(feed)[0])
         torch.cuda.synchronize()
@@ -244,7 +252,10 @@ def run_config(config: str, impls: list[str], model_dir: Path, lengths: list[int
             row["goals"] = goals_report(bench, row, base)
             missed = any(g["met"] is False for g in row["goals"].values())
             if mode == "always" or (mode == "auto" and missed):
-                row["profile"] = profile(*state)
+                try:
+                    row["profile"] = profile(*state)
+                except Exception as err:  # noqa: BLE001 (the timed row stands without it)
+                    row["profile"] = {"error": f"{type(err).__name__}: {err}"[:500]}
         del state
         gc.collect()
         torch.cuda.empty_cache()
@@ -336,7 +347,8 @@ def dequant_bench(out: Path, tokens: int = 8192, reps: int = 20) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", type=Path, required=True, help="folder for the random checkpoints (built once)")
-    parser.add_argument("--lengths", type=Path, required=True, help="JSON list of sample token lengths")
+    parser.add_argument("--lengths", type=Path, required=True,
+                        help="sample token lengths: a JSON list, or data/samsum_lengths.json's prompt/completion pairs")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help=f"comma-separated, of {', '.join(CONFIGS)}")
@@ -347,7 +359,7 @@ def main() -> None:
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    lengths = json.loads(args.lengths.read_text())
+    lengths = read_lengths(args.lengths)
     impls = args.impls.split(",")
     if args.one:
         run_config(args.one, impls, args.model_dir, lengths, args.steps, args.profile)
