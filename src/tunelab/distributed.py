@@ -117,6 +117,7 @@ def trainer_arguments(cfg: Config) -> dict:
     the `"full_shard auto_wrap"` string form is deprecated there; FSDP2's full shard is
     `reshard_after_forward=True`, and auto-wrapping by decoder layer is the default policy).
     Checkpoints are sharded: every rank writes its own part, and a resumed run reads them back.
+    Re-check these keys on a transformers upgrade past 5.23 (test_fsdp2_settings_are_the_keys_transformers_reads).
     """
     if world_size() == 1:
         return {}
@@ -129,7 +130,8 @@ def trainer_arguments(cfg: Config) -> dict:
         "reshard_after_forward": d.reshard_after_forward,
         # The model's own checkpointing (train.gradient_checkpointing) stays on instead: FSDP's wraps each
         # layer in a CheckpointWrapper, and peft 0.21 then finds no adapter weights in the gathered state
-        # dict (it matches them to module names, which gain `_checkpoint_wrapped_module`).
+        # dict (it matches them to module names, which gain `_checkpoint_wrapped_module`). Can go once peft
+        # strips that prefix (test_distributed's FSDP2 run then saves the same adapter with FSDP's checkpointing).
         "activation_checkpointing": False,
         "cpu_ram_efficient_loading": d.cpu_ram_efficient_loading,
         "state_dict_type": "SHARDED_STATE_DICT",
