@@ -200,3 +200,35 @@ def test_triton_kernels_match_their_references():
         r1, r2 = r.clone(), r.clone()
         assert torch.equal(triton_ops.rmsnorm(x, w[0], 1e-5, r1), fused.rmsnorm(x, w[0], 1e-5, r2))
         assert torch.equal(r1, r2)
+
+
+def test_graph_decode_path_equals_eager(lively, tokenizer, monkeypatch):
+    """The captured-decode path on the CPU, the graph replaced by a plain call of its body: the
+    static buffers, bucket padding (rows on the scratch block) and sampling modes give the eager
+    path's tokens."""
+    from tunelab.inference import runner as runner_module
+
+    class Replayed:
+        def __init__(self, body):
+            self.replay = body
+
+    prompts = _prompts(tokenizer, 5)
+    mixed = [SamplingParams(max_new_tokens=12), SamplingParams(max_new_tokens=8, temperature=0.9, seed=3),
+             SamplingParams(max_new_tokens=6, temperature=1.1, top_k=20, seed=4), SamplingParams(max_new_tokens=8),
+             SamplingParams(max_new_tokens=3)]
+    eager = build_engine("paged", lively, tokenizer, kv_budget_tokens=256, page_size=4)
+    try:
+        expected = [eager.collect(h).token_ids for h in eager.submit_many(prompts, mixed)]
+    finally:
+        eager.close()
+    monkeypatch.setattr(runner_module, "record", lambda body, pool, device: Replayed(body))
+    engine = build_engine("paged", lively, tokenizer, kv_budget_tokens=256, page_size=4)
+    r = engine.runner
+    with engine.exclusive():
+        r.graphs, r._static = True, runner_module._StaticInputs(r.buckets[-1], engine.scheduler.tables.shape[1], r.device)
+    try:
+        got = [engine.collect(h).token_ids for h in engine.submit_many(prompts, mixed)]
+    finally:
+        engine.close()
+    assert got == expected
+    assert {mode for _bucket, mode, _state in r._graphs} == {"greedy", "sample", "filter"}

@@ -13,7 +13,8 @@ from __future__ import annotations
 import logging
 import random
 import threading
-from collections import deque
+import time
+from collections import Counter, deque
 
 import torch
 
@@ -66,6 +67,7 @@ class PagedEngine(Engine):
         self.eos = eos_ids(model, tokenizer)
         self.ledger = KVLedger(per_token)
         self._seeds = random.Random(seed)
+        self.phases: Counter[str] = Counter()  # where the loop's time goes: steps by kind (count, s), host work (s)
         self._inbox: deque[Handle] = deque()
         self._cancels: set[str] = set()
         self._cond = threading.Condition()
@@ -137,11 +139,13 @@ class PagedEngine(Engine):
                 self._admit(handle)
             for request_id in cancels:
                 self._cancel_now(request_id)
+            t0 = time.perf_counter()
             step = self.scheduler.schedule()
             if step is None:
                 self._record(step=False)
                 continue
             self._record(step=True, computing=len(step.inputs.ids))  # what this step holds, its own tokens written
+            t1 = time.perf_counter()
             with self._model_lock:
                 try:
                     sampled = self.runner.step(step.inputs)
@@ -149,9 +153,14 @@ class PagedEngine(Engine):
                     log.exception("paged engine step failed")
                     self._fail_all(f"{type(err).__name__}: {err}", "error")
                     continue
+            t2 = time.perf_counter()
             for seq, token in self.scheduler.advance(step, sampled):
                 self._deliver(seq, token)
             self._record(step=False)
+            kind = "decode" if step.inputs.decode_only else "mixed"
+            self.phases[f"{kind}_steps"] += 1
+            self.phases[f"{kind}_s"] += t2 - t1
+            self.phases["host_s"] += (t1 - t0) + (time.perf_counter() - t2)
 
     def _admit(self, handle: Handle) -> None:
         need = len(handle.prompt_ids) + handle.params.max_new_tokens

@@ -234,19 +234,25 @@ class ModelRunner:
             logits = self._logits(ctx, st.ids[:bucket], st.pos[:bucket], None)
             st.out[:bucket].copy_(sample(logits.float(), sampling, mode))
 
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):  # compile Triton kernels and set cuBLAS up outside the capture
-            body()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            body()
-        self._graphs[key] = graph
+        self._graphs[key] = graph = record(body, self._pool, self.device)
         return graph
 
     def graph_count(self) -> int:
         return len(self._graphs)
+
+
+def record(body, pool, device) -> torch.cuda.CUDAGraph:
+    """Run `body` once on a side stream (Triton compiles, cuBLAS sets up: outside the capture),
+    then capture it into a graph that shares `pool` with the others."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        body()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        body()
+    return graph
 
 
 class _StaticInputs:
@@ -256,8 +262,9 @@ class _StaticInputs:
 
     def __init__(self, max_seqs: int, width: int, device):
         s, self.s, self.w = max_seqs, max_seqs, width
-        self.host = torch.zeros(7 * s + s * width, dtype=torch.int64).pin_memory()
-        self.host_f = torch.zeros(2 * s, dtype=torch.float32).pin_memory()
+        pinned = lambda t: t.pin_memory() if torch.device(device).type == "cuda" else t  # noqa: E731 — async copies
+        self.host = pinned(torch.zeros(7 * s + s * width, dtype=torch.int64))
+        self.host_f = pinned(torch.zeros(2 * s, dtype=torch.float32))
         self.h, self.hf = self.host.numpy(), self.host_f.numpy()
         self.dev = torch.zeros(self.host.shape, dtype=torch.int64, device=device)
         self.dev_f = torch.zeros(self.host_f.shape, dtype=torch.float32, device=device)
