@@ -256,6 +256,23 @@ def test_offload_needs_checkpointing(tokenizer):
     assert not offload.enable(model)
 
 
+def test_embeddings_upcast_by_qlora_prep_are_stored_in_bf16_with_the_same_output(tokenizer):
+    from peft import prepare_model_for_kbit_training
+
+    model = make_tiny_model(tokenizer).to(torch.bfloat16)
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    model.is_loaded_in_4bit = True  # what prepare_model_for_kbit_training looks for
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    ids = _batch(tokenizer)["input_ids"]
+    expected = model.get_input_embeddings()(ids)
+    assert expected.dtype == torch.float32
+    assert lora.narrow_embeddings(model)
+    assert model.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert torch.equal(model.get_input_embeddings()(ids), expected)
+    assert not lora.narrow_embeddings(make_tiny_model(tokenizer))  # tied, and fp32 values
+
+
 # --- CUDA, bf16 ---------------------------------------------------------------------------------
 
 def _rel(a, b) -> float:

@@ -79,5 +79,7 @@ def apply_lora(model, mode: str, sharded: bool = False, activation_offload: bool
                  ", ".join(LORA_MODEL_TYPES))
         return enabled
     enabled += lora.patch(model)
+    if lora.narrow_embeddings(model):
+        enabled.append("bf16_embeddings")
     log.info("train.kernels=auto: %s", ", ".join(enabled) or "no LoRA layers to fuse")
     return enabled
