@@ -33,9 +33,13 @@ class _Styler:
         self.context = _read(args.context, "--context") if args.context else None
         self.examples = load_examples(args.examples, args.examples_format, self.style.k) if args.examples else []
 
-    def messages(self, prompt: str, context: str | None = None, history=()) -> list[dict]:
-        return self.style.messages(prompt, context=context or self.context, examples=self.examples,
-                                   variables=self.variables, history=history)
+    def messages(self, prompt: str, context: str | None = None, history=(), where: str | None = None) -> list[dict]:
+        """The conversation for `prompt`; `where` (file:line) prefixes an error about a missing input."""
+        try:
+            return self.style.messages(prompt, context=context or self.context, examples=self.examples,
+                                       variables=self.variables, history=history)
+        except TunelabError as err:
+            raise TunelabError(f"{where}: {err}" if where else str(err)) from None
 
 
 def _pair(text: str, flag: str) -> tuple[str, str]:
@@ -52,7 +56,8 @@ def _read(path: str, flag: str) -> str:
         raise TunelabError(f"{flag} {path}: cannot read it: {err.strerror}") from None
 
 
-def _input_rows(path: str) -> list[dict]:
+def _input_rows(path: str) -> list[tuple[int, dict]]:
+    """(line number, row) of each prompt in a prompts.jsonl file."""
     rows = []
     for line_no, line in enumerate(_read(path, "--input").splitlines(), 1):
         if not line.strip():
@@ -63,7 +68,7 @@ def _input_rows(path: str) -> list[dict]:
             raise TunelabError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
             raise TunelabError(f"{path}:{line_no}: field 'prompt' is missing or not a string")
-        rows.append(row)
+        rows.append((line_no, row))
     if not rows:
         raise TunelabError(f"{path}: no prompts (one JSON object per line with a 'prompt' field)")
     return rows
@@ -78,16 +83,23 @@ def _generate(args) -> None:
     if (args.prompt is None) == (args.input is None):
         raise TunelabError("generate: give --prompt TEXT or --input prompts.jsonl (one of them)")
     styler, params = _Styler(args), _sampling(args)
-    rows = _input_rows(args.input) if args.input else None
+    # Every conversation is styled before the model loads: a style's missing input fails at once.
+    if args.input:
+        numbered = _input_rows(args.input)
+        rows = [row for _, row in numbered]
+        conversations = [styler.messages(row["prompt"], row.get("context"), where=f"{args.input}:{line_no}")
+                         for line_no, row in numbered]
+    else:
+        rows, conversations = None, [styler.messages(args.prompt)]
     engine = load_engine(args.target, args.backend, **_engine_options(args))
     tok = engine.tokenizer
     try:
         if rows is None:
-            for piece in engine.stream(prompt_ids(tok, styler.messages(args.prompt)), params):
+            for piece in engine.stream(prompt_ids(tok, conversations[0]), params):
                 print(piece, end="", flush=True)
             print()
             return
-        prompts = [prompt_ids(tok, styler.messages(r["prompt"], r.get("context"))) for r in rows]
+        prompts = [prompt_ids(tok, messages) for messages in conversations]
         with tqdm(total=len(prompts), desc="generating", unit="prompt") as bar:
             done = engine.generate(prompts, params, progress=bar)
         out = Path(args.output)
@@ -111,6 +123,7 @@ def _chat(args) -> None:
     from tunelab.inference.prompts import load_style, prompt_ids
 
     styler, params = _Styler(args), _sampling(args)
+    styler.messages("")  # a style's missing input (--context, --examples, --var) fails before the model loads
     engine = load_engine(args.target, args.backend, **_engine_options(args))
     history: list[dict] = []
     print(f"chatting with {args.target} (style {styler.style.name}); /style NAME, /reset, /exit")

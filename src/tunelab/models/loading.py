@@ -94,6 +94,14 @@ class ModelSource:
     adapter: Path | None = None
 
 
+def looks_like_path(name: str) -> bool:
+    """`name` can only mean a local path: it starts with `.`, `/` or `~`, has more than one `/`, or
+    its first part is a local folder (`runs/nope` beside a `runs/` folder is a path, not a Hub id)."""
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        return True
+    return "/" in name and Path(name.split("/")[0]).is_dir()
+
+
 def resolve(name: str) -> ModelSource:
     """Map `model.name` to a loadable folder / Hub id (converting GGUF files on the way)."""
     if name == "embedded":
@@ -116,7 +124,9 @@ def resolve(name: str) -> ModelSource:
         if not (path / "config.json").is_file():
             raise TunelabError(f"model.name: folder {name} holds no config.json, adapter/ or model/")
         return ModelSource(str(path))
-    if name.count("/") == 1 and not path.exists():
+    if looks_like_path(name):
+        raise TunelabError(f"model.name: no such folder {name} ({path.absolute()} does not exist)")
+    if name.count("/") == 1:
         return ModelSource(name)  # a Hub id
     raise TunelabError(
         f"model.name: {name!r} is not `embedded`, a .gguf file, an existing folder or a Hub id (owner/name)"
