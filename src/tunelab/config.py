@@ -244,27 +244,134 @@ class DistributedConfig(_Section):
     """fsdp: only rank 0 reads the checkpoint; the others get the weights by broadcast (one copy in host RAM)."""
 
 
-class PreferenceConfig(_Section):
-    """Settings of `tunelab reward`, `tunelab dpo` and `tunelab rl`; the other commands ignore them."""
+REWARD_FUNCTIONS = ("exact_match", "rouge", "length")
+"""The built-in reward functions of `tunelab rl` (besides `length:N`, `regex:…` and `python:module:function`)."""
 
+
+class RewardSpec(_Section):
+    """One reward of `tunelab rl`: a reward-model run or a function, with its weight. A plain string
+    in `preference.rewards` is a function (`- exact_match` is `- {function: exact_match}`)."""
+
+    reward_model: str | None = None
+    """A `tunelab reward` run folder; its model scores prompt + completion."""
+    function: str | None = None
+    """`exact_match` or `rouge` (ROUGE-L F1) against the row's reference answer; `length` (1 when the
+    word count equals the reference's, falling linearly to 0 at none or twice as many) or `length:N`
+    (the same around N words); `regex:PATTERN` (1 when the completion matches, Python `re.search`);
+    `python:module:function` (called as trl calls reward functions: `f(prompts=, completions=,
+    reference=, **kwargs) -> list[float]`)."""
+    weight: float = 1.0
+    """Its weight in the summed reward."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        return {"function": data} if isinstance(data, str) else data
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RewardSpec:
+        if (self.reward_model is None) == (self.function is None):
+            raise ValueError("give exactly one of reward_model (a `tunelab reward` run) or function")
+        if self.function is not None and (problem := _reward_function_problem(self.function)):
+            raise ValueError(problem)
+        return self
+
+    @property
+    def name(self) -> str:
+        """How metrics.jsonl and summary.json name this reward."""
+        if self.reward_model is not None:
+            return Path(self.reward_model).name or "reward_model"
+        return self.function.rsplit(":", 1)[-1] if self.function.startswith("python:") else self.function
+
+
+def _reward_function_problem(function: str) -> str | None:
+    import re
+
+    kind, _, rest = function.partition(":")
+    if function in REWARD_FUNCTIONS:
+        return None
+    if kind == "length" and rest.isdigit() and int(rest) > 0:
+        return None
+    if kind == "regex" and rest:
+        try:
+            re.compile(rest)
+        except re.error as err:
+            return f"function {function!r}: not a valid regular expression ({err})"
+        return None
+    if kind == "python" and re.fullmatch(r"[\w.]+:\w+", rest):
+        return None
+    return (f"function {function!r}: use one of {', '.join(REWARD_FUNCTIONS)}, length:N (N words), regex:PATTERN "
+            "or python:module:function")
+
+
+class PreferenceConfig(_Section):
+    """Settings of `tunelab reward`, `dpo`, `kto` and `rl`; the other commands ignore them."""
+
+    method: Literal["dpo", "orpo", "simpo"] = "dpo"
+    """dpo: `dpo` (against a reference model, Rafailov et al. 2023), or reference-free: `orpo` (SFT loss on
+    the chosen answer + an odds-ratio term, Hong et al. 2024) or `simpo` (length-normalised log-probability
+    margin over a target γ, Meng et al. 2024); these two keep no reference model."""
     beta: float = Field(0.1, gt=0)
-    """dpo: pull toward the reference model (the starting model); higher stays closer. 0.1 as in the DPO paper."""
+    """dpo/kto: pull toward the reference model (the starting model); higher stays closer. 0.1 as in the DPO
+    paper. orpo: λ, the weight of the odds-ratio term (0.1 in the paper). simpo: the reward scale β (the
+    paper uses 2 to 2.5)."""
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
     """dpo: `sigmoid` (DPO), `ipo`, `hinge` (SLiC) or `robust` (expects label_smoothing of the labels)."""
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
     """dpo: assumed share of wrongly ordered pairs (conservative/robust DPO); 0 = trust every label."""
+    simpo_gamma: float = Field(0.5, ge=0)
+    """simpo: the target reward margin γ (trl's default 0.5; the paper keeps γ/β near 0.5)."""
     min_agreement: float | None = Field(None, ge=-1, le=1)
-    """Drop pairs whose reviewer agreement (from `tunelab review export`) is below this; pairs without one stay."""
+    """Drop pairs (and rankings) whose reviewer agreement (from `tunelab review export`) is below this;
+    rows without one stay."""
+    loss: Literal["pairwise", "listwise"] = "pairwise"
+    """reward: `pairwise` (Bradley–Terry on chosen/rejected pairs, trl's RewardTrainer) or `listwise`
+    (Plackett–Luce over each reviewer's whole ranking, ties included, from `tunelab review export --as
+    rankings`: data.format=rankings)."""
+    weight_by_agreement: bool = False
+    """reward with loss=listwise: weight each item's rankings by its reviewer agreement (Kendall's W); an
+    item with one reviewer gets the mean W of the others."""
+    desirable_weight: float | None = Field(None, gt=0)
+    """kto: weight of the desirable examples' loss (undesirable ones weigh 1); null = n_undesirable /
+    n_desirable, so both classes weigh the same in all (the KTO paper keeps this ratio in [1, 4/3])."""
+    algorithm: Literal["rloo", "grpo"] = "rloo"
+    """rl: `rloo` (leave-one-out baseline, KL subtracted from the reward) or `grpo` (group-normalised
+    advantages, KL in the loss; for verifiable rewards such as exact_match)."""
+    grpo_loss: Literal["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo"] = "dapo"
+    """rl with algorithm=grpo: how trl aggregates the token losses (`dapo`, trl's default: by the active
+    tokens of the whole batch; `grpo`: per sequence; `dr_grpo`: by a constant; `bnpo`; `cispo`; `sapo`)."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """rl with algorithm=grpo: divide advantages by the reward std of the `group` (GRPO), the `batch`, or
+    `none` (Dr. GRPO: no question-difficulty bias)."""
     reward_model: str | None = None
-    """rl: the `tunelab reward` run folder whose model scores the sampled completions (required by rl)."""
+    """rl: the `tunelab reward` run folder whose model scores the sampled completions (shorthand for
+    rewards: [{reward_model: ...}])."""
+    rewards: list[RewardSpec] = []
+    """rl: rewards summed with their weights, e.g. [{reward_model: runs/rm, weight: 1}, {function:
+    exact_match, weight: 0.5}, regex:^Yes]; empty = the reward_model alone."""
     kl_coef: float = Field(0.05, ge=0)
-    """rl: KL penalty toward the reference (the starting policy), subtracted from the reward; 0 = none."""
+    """rl: KL penalty toward the reference (the starting policy): rloo subtracts it from the reward, grpo
+    adds it to the loss; 0 = none."""
     num_generations: int = Field(4, ge=2)
-    """rl: completions sampled per prompt; each is baselined on the mean reward of the others (RLOO)."""
+    """rl: completions sampled per prompt; each is baselined on the others (RLOO) or its group (GRPO)."""
     max_new_tokens: int = Field(64, ge=1)
     """rl: length limit of a sampled completion (and of the before/after generations)."""
     temperature: float = Field(1.0, gt=0)
     """rl: sampling temperature during training."""
+
+    @property
+    def reward_specs(self) -> list[RewardSpec]:
+        """rl's rewards: `rewards`, else the reward_model alone (empty when neither is set)."""
+        if self.rewards:
+            return list(self.rewards)
+        return [RewardSpec(reward_model=self.reward_model)] if self.reward_model else []
+
+    @model_validator(mode="after")
+    def _one_way_to_name_rewards(self) -> PreferenceConfig:
+        if self.rewards and self.reward_model:
+            raise ValueError("reward_model: set either preference.reward_model or preference.rewards (which can "
+                             "hold {reward_model: ...} with a weight), not both")
+        return self
 
 
 class EvalRunConfig(GenerationSettings):
