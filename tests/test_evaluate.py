@@ -261,3 +261,13 @@ def test_harness_tasks_equal_lm_eval_builtin_tasks_on_the_same_rows(tmp_path, em
         expected = {k.split(",")[0]: v for k, v in theirs["results"][name].items() if "," in k}
         assert ours[name] == {**expected, "n": limit}, name  # exactly equal, stderr included
     assert {r["task"] for r in rows} == set(names) and len(rows) == 3 * limit
+
+
+def test_a_single_file_is_labelled_with_the_split_it_was_given_as(tmp_path):
+    from tunelab.evals.tasks import load_rows
+
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text(json.dumps({"messages": _chat("q?", "a")}) + "\n")
+    rows = load_rows(str(held_out), "custom", {"messages": "messages"}, "test", None)
+    assert rows.examples == [_chat("q?", "a")]
+    assert "[test]" in rows.origin and "train" not in rows.origin

@@ -124,16 +124,18 @@ def score_generations(predictions: list[str], references: list[str], names: list
 
 def load_rows(source: str, data_format: str, fields: dict[str, str] | None, split: str, limit: int | None, *,
               subset: str | None = None, system_prompt: str | None = None) -> Rows:
-    """The first `limit` examples of one split of a dataset (a single local file is its own split)."""
+    """The first `limit` examples of one split of a dataset. A single local file is read whole as the
+    split asked for (`--dataset test.jsonl --split test` is labelled test, whatever the loader calls it)."""
     from tunelab.data.formats import get_format
     from tunelab.data.sources import load_examples
 
     examples, _stats = load_examples(source, get_format(data_format, fields), subset=subset)
-    if split not in examples and Path(source).is_file():
-        split = next(iter(examples))
-    if split not in examples:
+    if Path(source).is_file():
+        rows = examples[next(iter(examples))]
+    elif split in examples:
+        rows = examples[split]
+    else:
         raise TunelabError(f"{source}: has no '{split}' split; choose one of {', '.join(examples)}")
-    rows = examples[split]
     rows = rows.select(range(min(limit, len(rows)))) if limit else rows
     messages = list(rows["messages"])
     if system_prompt is not None:
