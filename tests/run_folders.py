@@ -30,7 +30,9 @@ def make_run(root: Path, name: str, *, r: int, right: int, steps: int = 6, finis
     run = root / name
     run.mkdir(parents=True)
     config = {"run": {"name": name, "seed": 0}, "model": {"name": "embedded"},
-              "peft": {"method": "lora", "r": r, "alpha": 2 * r}, "train": {"lr": 1e-3, "batch_size": 3}}
+              "peft": {"method": "lora", "r": r, "alpha": 2 * r},
+              "data": {"format": "custom", "fields": {"messages": "messages"}, "source": "synthetic:meetup"},
+              "train": {"lr": 1e-3, "batch_size": 3}}
     (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     data = {"train_samples": 240, "eval_samples": 24, "packing_efficiency": 0.93}
     write_json(run / "data_stats.json", data)
