@@ -77,7 +77,7 @@ class Handle:
         self.finished_at: float | None = None
         self.seen = 0  # tokens delivered so far (backends that report cumulative outputs)
         self._loop = loop
-        self._queue: queue.Queue[Delta] | asyncio.Queue[Delta] = asyncio.Queue() if loop else queue.Queue()
+        self._queue: queue.SimpleQueue[Delta] | asyncio.Queue[Delta] = asyncio.Queue() if loop else queue.SimpleQueue()
 
     def put(self, delta: Delta) -> None:
         if self.first_at is None and delta.token_ids:

@@ -154,9 +154,10 @@ class PagedEngine(Engine):
                     self._fail_all(f"{type(err).__name__}: {err}", "error")
                     continue
             t2 = time.perf_counter()
-            for seq, token in self.scheduler.advance(step, sampled):
+            drawn = self.scheduler.advance(step, sampled)
+            for seq, token in drawn:
                 self._deliver(seq, token)
-            self._record(step=False)
+            self._delivered(len(drawn))
             kind = "decode" if step.inputs.decode_only else "mixed"
             self.phases[f"{kind}_steps"] += 1
             self.phases[f"{kind}_s"] += t2 - t1
@@ -182,7 +183,6 @@ class PagedEngine(Engine):
 
     def _deliver(self, seq: Sequence, token: int) -> None:
         reason = self._finish_reason(seq, token)
-        self._delivered(1)
         if reason is None:
             seq.handle.put(Delta([token]))
             return
@@ -190,12 +190,10 @@ class PagedEngine(Engine):
         seq.handle.put(Delta([token], True, reason))
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
-        p = seq.params
-        if token in self.eos:
+        p = seq.handle.params
+        if token in self.eos or (p.stop and self._hits_stop(seq)):
             return "stop"
-        if p.stop and self._hits_stop(seq):
-            return "stop"
-        return "length" if seq.generated >= p.max_new_tokens else None
+        return "length" if len(seq.tokens) - seq.prompt_len >= p.max_new_tokens else None
 
     def _hits_stop(self, seq: Sequence) -> bool:
         """A stop string in the text of the last few tokens (enough to hold the longest one);

@@ -141,9 +141,13 @@ class Scheduler:
 
     def _plan(self) -> tuple[list[Chunk], int]:
         chunks: list[Chunk] = []
+        page = self.pool.page
         for seq in list(self.running):
-            if seq.row >= 0 and seq.pending == 1 and self._make_room(seq, seq.computed + 1):
-                chunks.append(Chunk(seq, seq.computed, 1))
+            if seq.row < 0 or len(seq.tokens) - seq.computed != 1:  # preempted meanwhile, or prefilling
+                continue
+            if len(seq.blocks) * page <= seq.computed and not self._make_room(seq, seq.computed + 1):
+                continue  # its next token needs a new block, and it was the one preempted for it
+            chunks.append(Chunk(seq, seq.computed, 1))
         num_decode = len(chunks)
         budget, gather = self.max_batch_tokens - num_decode, 0
         for seq in [s for s in self.running if s.pending > 1] + list(self.waiting):
