@@ -20,7 +20,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from infer_speed import random_llama, tunelab_run, equality, hf_run, graph_replay_ms  # noqa: E402
+from infer_speed import equality, graph_replay_ms, hf_run, random_llama, top_kernels, tunelab_run  # noqa: E402
 
 
 def rel(a, b) -> float:
@@ -97,6 +97,8 @@ def engine_runs(shape: str, n: int, prompt: int, new: int, programs=("fused", "h
         row["graph_replay_ms"] = graph_replay_ms(engine, next(b for b in engine.runner.buckets if b >= n))
         row["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         outputs = row.pop("outputs")
+        if shape == "smollm2-135m":
+            row["top_kernels"] = top_kernels(engine, prompts, limits)
         engine.close()
         res[program] = row
         res[program + "_outputs_head"] = outputs[:2]
@@ -129,6 +131,9 @@ def main() -> None:
         path.write_text(json.dumps(result, indent=1, default=str) + "\n")
 
     steps = [("kernels", 150, kernels),
+             ("pytest_gpu", 140, lambda: subprocess.run(
+                 [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_paged_engine.py", "-k",
+                  "triton"], capture_output=True, text=True, timeout=60).stdout[-800:]),
              ("smollm2", 110, lambda: engine_runs("smollm2-135m", 64, 256, 128)),
              ("llama2_7b", 60, lambda: engine_runs("llama2-7b", 64, 256, 32, programs=("fused",))),
              ("static_compile_tiny", 45, lambda: subprocess.run(

@@ -232,3 +232,29 @@ def test_graph_decode_path_equals_eager(lively, tokenizer, monkeypatch):
         engine.close()
     assert got == expected
     assert {mode for _bucket, mode, _state in r._graphs} == {"greedy", "sample", "filter"}
+
+
+def test_rloo_rollouts_go_through_the_engine(lively, tokenizer):
+    """trl's RLOOTrainer._generate_single_turn, overridden: seeded from torch's generator
+    (reproducible under set_seed), the policy's training mode restored, trl's path kept for vLLM."""
+    from types import SimpleNamespace
+
+    from tunelab.inference.rollouts import EngineRollouts
+
+    class Trl:
+        def _generate_single_turn(self, prompt_ids, images, multimodal_fields):
+            return "trl's own path"
+
+    trainer = type("Trainer", (EngineRollouts, Trl), {})()
+    trainer.__dict__.update(use_vllm=False, accelerator=SimpleNamespace(num_processes=1, unwrap_model=lambda m: m),
+                            model=lively.train(), min_p=None, repetition_penalty=1.0, max_completion_length=6,
+                            temperature=1.0, top_p=1.0, top_k=None, _tokenizer=tokenizer)
+    prompts = _prompts(tokenizer, 3) * 2  # each prompt twice, as num_generations=2 repeats them
+    torch.manual_seed(0)
+    first = trainer._generate_single_turn(prompts, None, {})
+    torch.manual_seed(0)
+    assert trainer._generate_single_turn(prompts, None, {}) == first
+    assert lively.training and all(len(c) == 6 for c in first) and first[:3] != first[3:]  # own seed each
+    lively.eval()
+    trainer.use_vllm = True
+    assert trainer._generate_single_turn(prompts, None, {}) == "trl's own path"

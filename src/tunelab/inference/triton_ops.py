@@ -84,7 +84,7 @@ def _rmsnorm_kernel(x_ptr, res_ptr, w_ptr, y_ptr, eps, H, stride, ADD: tl.conste
         tl.store(res_ptr + row * stride + cols, x, mask=mask)
     xf = x.to(tl.float32)
     var = tl.sum(xf * xf, 0) / H
-    normed = (xf * (1.0 / tl.sqrt(var + eps))).to(x.dtype)
+    normed = (xf * tl.rsqrt(var + eps)).to(x.dtype)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0)
     tl.store(y_ptr + row * stride + cols, (w.to(tl.float32) * normed.to(tl.float32)).to(y_ptr.dtype.element_ty), mask=mask)
 

@@ -1,0 +1,61 @@
+"""RL rollouts through the paged engine, on the policy's current weights (no copy, no weight sync).
+
+trl 1.16's RLOOTrainer generates in one method, `_generate_single_turn(prompt_ids, images,
+multimodal_fields) -> completion ids per prompt` (prompt_ids already repeat each prompt
+`num_generations` times); its vLLM path (`use_vllm`) and its transformers paths branch inside
+it, and everything after (decoding, rewards, advantages, the loss) only sees the ids. So
+`EngineRollouts` overrides that one method: mixed in before the trainer class, it sends the
+prompts through a paged engine over the unwrapped policy, sampled with the trainer's own
+temperature / top-p / top-k and a seed per completion drawn from torch's generator (so
+`set_seed` keeps runs reproducible), completions ending at and including an EOS as trl's own
+path leaves them. Where the engine cannot stand in — vLLM asked for, images, several processes
+(FSDP/DeepSpeed shards), min_p or a repetition penalty, a non-Llama policy — trl's path runs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tunelab.inference.base import SamplingParams
+
+
+def rollouts(model, tokenizer, prompt_ids: list[list[int]], params: list[SamplingParams]) -> list[list[int]]:
+    """One sampled completion per prompt from `model` as it is now (eval mode for the call)."""
+    from tunelab.inference.backends import build_engine
+
+    was_training = model.training
+    model.eval()
+    demand = sum(len(p) + sp.max_new_tokens for p, sp in zip(prompt_ids, params))
+    engine = build_engine("paged", model, tokenizer, demand_tokens=demand, max_batch=len(prompt_ids))
+    try:
+        with torch.no_grad():
+            handles = engine.submit_many(prompt_ids, params)
+            done = [engine.collect(h) for h in handles]
+    finally:
+        engine.close()
+        model.train(was_training)
+    failed = next((c.error for c in done if c.error), None)
+    if failed:
+        raise RuntimeError(f"rollout generation failed: {failed}")
+    return [c.token_ids for c in done]
+
+
+def engine_can_roll_out(trainer, images, multimodal_fields) -> bool:
+    from tunelab.inference.runner import model_parts
+
+    return not (trainer.use_vllm or images or multimodal_fields or trainer.accelerator.num_processes > 1
+                or trainer.min_p or (trainer.repetition_penalty or 1.0) != 1.0
+                or isinstance(model_parts(trainer.accelerator.unwrap_model(trainer.model)), str))
+
+
+class EngineRollouts:
+    """Mix in before trl's RLOOTrainer: `class TunelabRLOO(EngineRollouts, RLOOTrainer)`."""
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields):
+        if not engine_can_roll_out(self, images, multimodal_fields):
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields)
+        seeds = torch.randint(0, 2**32 - 1, (len(prompt_ids),)).tolist()
+        params = [SamplingParams(max_new_tokens=self.max_completion_length, temperature=self.temperature,
+                                 top_p=self.top_p if self.top_p is not None else 1.0, top_k=self.top_k or 0, seed=s)
+                  for s in seeds]
+        return rollouts(self.accelerator.unwrap_model(self.model), self._tokenizer, prompt_ids, params)
