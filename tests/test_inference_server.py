@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import statistics
 import threading
@@ -23,7 +24,8 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def base_url(tokenizer):
+def served(tokenizer):
+    """(base URL, engine) of the server on a tiny model: context 2048, so the default body limit is 256 KiB."""
     import uvicorn
 
     from tunelab.inference.backends import build_engine
@@ -40,10 +42,15 @@ def base_url(tokenizer):
     while not server.started and time.time() < deadline:
         time.sleep(0.05)
     assert server.started
-    yield f"http://127.0.0.1:{server.config.port}"
+    yield f"http://127.0.0.1:{server.config.port}", engine
     server.should_exit = True
     thread.join(timeout=10)
     engine.close()
+
+
+@pytest.fixture(scope="module")
+def base_url(served):
+    return served[0]
 
 
 @pytest.fixture(scope="module")
@@ -181,3 +188,81 @@ def test_adapters_are_routed_by_model_name(tiny_model_dir, tmp_path):
         if name != "base":
             assert text == expected[name], name
     assert {t for n, t in answers if n == "base"} != {expected["a"]}
+
+
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def _words(n_bytes: int) -> str:
+    return ("plan a picnic for four people on a sunny day " * (n_bytes // 45 + 1))[:n_bytes]
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_read(base_url):
+    """Declared (Content-Length) or streamed (chunked, no length): 413 in an OpenAI error body, at
+    once: the 20 MB prompt is never parsed nor tokenized (once: /health stalled 20 s, +4.6 GB)."""
+    big = {"model": "tiny", "messages": [{"role": "user", "content": _words(20 * 2**20)}]}
+    start = time.perf_counter()
+    error = _error(httpx.post(f"{base_url}/v1/chat/completions", json=big, headers=AUTH, timeout=60), 413)
+    assert error["code"] == "request_too_large" and "--max-body-bytes" in error["message"]
+    body = json.dumps({"model": "tiny", "prompt": _words(2 * 2**20)}).encode()
+    chunks = (body[i : i + 65536] for i in range(0, len(body), 65536))
+    assert _error(httpx.post(f"{base_url}/v1/completions", content=chunks, headers=AUTH, timeout=60), 413)
+    assert time.perf_counter() - start < 10
+    ok = httpx.post(f"{base_url}/v1/completions", json={"model": "tiny", "prompt": _words(100_000), "max_tokens": 2},
+                    headers=AUTH, timeout=60)  # under the limit: read and answered (too long for the context)
+    assert _error(ok, 400)["code"] == "context_length_exceeded"
+
+
+def test_health_answers_while_big_prompts_are_tokenized(base_url):
+    """Four prompts just under the body limit, tokenized at once: the event loop stays free."""
+    def big(i: int) -> float:
+        start = time.perf_counter()
+        body = {"model": "tiny", "messages": [{"role": "user", "content": f"{i} " + _words(250_000)}]}
+        _error(httpx.post(f"{base_url}/v1/chat/completions", json=body, headers=AUTH, timeout=120), 400)
+        return time.perf_counter() - start
+
+    with ThreadPoolExecutor(4) as pool:
+        work = [pool.submit(big, i) for i in range(4)]
+        latencies = []
+        while not all(w.done() for w in work):
+            start = time.perf_counter()
+            assert httpx.get(f"{base_url}/health", timeout=60).status_code == 200
+            latencies.append(time.perf_counter() - start)
+            time.sleep(0.02)
+        took = max(w.result() for w in work)
+    print(f"\n/health during 4 x 250 kB prompts ({took:.2f} s): max {max(latencies) * 1000:.0f} ms "
+          f"over {len(latencies)} probes")
+    assert took > 0.5 and len(latencies) >= 5  # the probes did overlap the tokenization
+    assert max(latencies) < took / 3  # was about `took`: the four prompts tokenized one after another on the loop
+
+
+def test_a_client_that_hangs_up_cancels_its_non_streaming_request(served):
+    """The request is cancelled in the engine soon after the client goes, not generated to max_tokens."""
+    base_url, engine = served
+    cancelled = []
+    real_cancel = engine.cancel
+    engine.cancel = lambda request_id: (cancelled.append(time.perf_counter()), real_cancel(request_id))
+    try:
+        before = engine.metrics()["tokens_generated"]
+        body = json.dumps({"model": "tiny", "messages": MESSAGES, "max_tokens": 1900, "temperature": 0}).encode()
+        port = int(base_url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as conn:
+            conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+            deadline = time.time() + 30
+            while engine.metrics()["tokens_generated"] < before + 20 and time.time() < deadline:
+                time.sleep(0.01)  # generating
+        gone = time.perf_counter()
+        deadline = time.time() + 10
+        while not cancelled and time.time() < deadline:
+            time.sleep(0.01)
+        assert cancelled, "the engine request was never cancelled"
+        time.sleep(0.2)
+        metrics = httpx.get(f"{base_url}/metrics", headers=AUTH).json()
+        generated = metrics["tokens_generated"] - before
+        print(f"\nhung up after ~20 tokens: cancelled {1000 * (cancelled[0] - gone):.0f} ms later, "
+              f"{generated} of 1900 tokens generated")
+        assert cancelled[0] - gone < 2.0 and generated < 1900 // 2
+        assert metrics["kv"]["running"] == 0 and metrics["requests_in_flight"] == 0
+    finally:
+        engine.cancel = real_cancel

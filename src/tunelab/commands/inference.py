@@ -173,6 +173,8 @@ def _serve(args) -> None:
     from tunelab.models.build import attach_adapters, load_for_eval
 
     adapters = parse_adapters(args.adapters)
+    if args.max_body_bytes is not None and args.max_body_bytes < 1024:
+        raise TunelabError(f"--max-body-bytes must be at least 1024 (a request's JSON), got {args.max_body_bytes}")
     backend = "paged" if args.backend == "auto" else choose_backend(args.backend)
     if backend == "vllm":
         raise TunelabError("serve: vLLM has its own OpenAI server (`vllm serve`); tunelab serves with --backend paged or static")
@@ -181,7 +183,7 @@ def _serve(args) -> None:
     options = _engine_options(args) | ({"sampling": True} if backend == "paged" else {})
     engine = build_engine(backend, model, tokenizer, **options)
     app = create_app(engine, args.target, adapters=list(adapters), api_key=args.api_key,
-                     default_max_tokens=args.max_new_tokens)
+                     default_max_tokens=args.max_new_tokens, max_body_bytes=args.max_body_bytes)
     print(f"serving {args.target} ({backend}) on http://{args.host}:{args.port}/v1  models: "
           f"{', '.join([args.target, *adapters])}", flush=True)
     try:
@@ -269,6 +271,8 @@ class Serve(Command):
         parser.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every request")
         parser.add_argument("--adapters", help="extra LoRA adapters by name: a=runs/a,b=runs/b (the request's "
                                                "model picks one)")
+        parser.add_argument("--max-body-bytes", type=int, help="refuse bigger request bodies with 413 before "
+                            "reading them (default: 16 bytes per token of the model's context, at least 256 KiB)")
 
     def run(self, args) -> None:
         _serve(args)

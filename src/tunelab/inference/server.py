@@ -8,6 +8,9 @@ same adapter: a request for another adapter waits until those in flight finish, 
 adapter is switched (peft applies one adapter set to a whole batch).
 
 Every client mistake gets a 4xx with OpenAI's error body `{"error": {message, type, param, code}}`.
+A body over `max_body_bytes` is refused (413) before it is parsed, prompts are tokenized off the
+event loop (so /health and the streams keep answering), and a request whose client hangs up is
+cancelled in the engine, streaming or not.
 """
 
 from __future__ import annotations
@@ -17,17 +20,29 @@ import json
 import time
 import uuid
 from collections import Counter
+from collections.abc import Awaitable
 from contextlib import asynccontextmanager
-from typing import Literal
+from typing import Literal, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
 
 from tunelab.errors import TunelabError
 from tunelab.inference.base import Engine, SamplingParams, TextStream
 from tunelab.inference.prompts import prompt_ids
+
+T = TypeVar("T")
+MIN_BODY_BYTES = 256 * 2**10
+BODY_BYTES_PER_TOKEN = 16  # JSON of a prompt that fills the context: ~4-5 a token in English, \uXXXX escapes ~12
+UNKNOWN_CONTEXT_BODY_BYTES = 8 * 2**20
+
+
+def default_body_limit(max_context: int | None) -> int:
+    """Bytes of request body the server reads: what a prompt filling the context could take, with room.
+    A bigger body could only end in `context_length_exceeded`, after seconds of tokenizing (~3 s a MB)."""
+    return max(MIN_BODY_BYTES, BODY_BYTES_PER_TOKEN * max_context) if max_context else UNKNOWN_CONTEXT_BODY_BYTES
 
 
 class ApiError(Exception):
@@ -39,6 +54,62 @@ class ApiError(Exception):
     def response(self) -> JSONResponse:
         body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
         return JSONResponse(body, status_code=self.status)
+
+
+class BodyLimit:
+    """ASGI middleware: reads the request body itself, counting, and answers 413 once it passes `limit`
+    (or at once when Content-Length says so), so an oversized body is never buffered whole, parsed or
+    tokenized; the app gets the same bytes, then the server's own messages (`http.disconnect`)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # gone before its body arrived: nobody to answer
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await self._refuse(scope, receive, send)
+            if not message.get("more_body"):
+                break
+        body = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replay():
+            return body.pop() if body else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope, receive, send):
+        error = ApiError(413, f"the request body is over {self.limit:,} bytes; send a shorter prompt, or start "
+                              "the server with a larger --max-body-bytes", code="request_too_large")
+        await error.response()(scope, receive, send)
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
+    """`work`'s result, or None when the client hangs up first; `work` is then cancelled (its
+    generator's `finally` cancels the engine request), as Starlette does for a streaming response."""
+    async def hung_up():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task, gone = asyncio.ensure_future(work), asyncio.ensure_future(hung_up())
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)  # the engine request is cancelled before we return
+    return task.result() if not task.cancelled() else None
 
 
 class _Sampling(BaseModel):
@@ -151,8 +222,10 @@ def score_logprobs(engine: Engine, prompt: list[int], generated: list[int], top:
 
 
 def create_app(engine: Engine, model_name: str, *, adapters: list[str] = (), api_key: str | None = None,
-               max_context: int | None = None, default_max_tokens: int = 256) -> FastAPI:
-    """The app over a running engine; `adapters` are names already loaded on engine.model by peft.
+               max_context: int | None = None, default_max_tokens: int = 256,
+               max_body_bytes: int | None = None) -> FastAPI:
+    """The app over a running engine; `adapters` are names already loaded on engine.model by peft;
+    `max_body_bytes` None: `default_body_limit` of the context.
 
     The server uses the engine's model itself (adapter switching, logprob scoring), so a backend
     that keeps its weights to itself (vLLM, whose own server is `vllm serve`) is refused."""
@@ -165,6 +238,8 @@ def create_app(engine: Engine, model_name: str, *, adapters: list[str] = (), api
     gate = AdapterGate(lambda name: select_adapter(engine.model, None if name == model_name else name), model_name)
     if max_context is None:
         max_context = getattr(engine.model.config, "max_position_embeddings", None)
+    # added before _auth, so inside it: a wrong key is refused before its body is read
+    app.add_middleware(BodyLimit, limit=max_body_bytes or default_body_limit(max_context))
 
     @app.exception_handler(ApiError)
     async def _api_error(_request, err: ApiError):
@@ -201,7 +276,8 @@ def create_app(engine: Engine, model_name: str, *, adapters: list[str] = (), api
                            code="context_length_exceeded")
         return params
 
-    async def run(req: _Sampling, ids: list[int], params: SamplingParams, chunk, final) -> StreamingResponse | dict:
+    async def run(request: Request, req: _Sampling, ids: list[int], params: SamplingParams, chunk,
+                  final) -> Response | dict:
         """Generate under the adapter gate; stream SSE chunks or return the final body."""
         rid = ("chatcmpl-" if isinstance(req, ChatRequest) else "cmpl-") + uuid.uuid4().hex[:24]
 
@@ -233,18 +309,23 @@ def create_app(engine: Engine, model_name: str, *, adapters: list[str] = (), api
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(sse(), media_type="text/event-stream")
-        text, reason = None, "length"
-        async for _piece, text, reason in tokens():
-            pass
-        return await final(rid, text, reason)
+
+        async def answer():
+            text, reason = None, "length"
+            async for _piece, text, reason in tokens():
+                pass
+            return await final(rid, text, reason)
+
+        body = await unless_disconnected(request, answer())
+        return Response(status_code=499) if body is None else body  # 499: nginx's "client closed request"
 
     def usage(ids, text) -> dict:
         return {"prompt_tokens": len(ids), "completion_tokens": len(text.token_ids),
                 "total_tokens": len(ids) + len(text.token_ids)}
 
     @app.post("/v1/chat/completions")
-    async def chat(req: ChatRequest):
-        ids = prompt_ids(engine.tokenizer, [m.model_dump() for m in req.messages])
+    async def chat(req: ChatRequest, request: Request):
+        ids = await asyncio.to_thread(prompt_ids, engine.tokenizer, [m.model_dump() for m in req.messages])
         if req.max_completion_tokens and not req.max_tokens:
             req.max_tokens = req.max_completion_tokens
         params = checked(req, ids)
@@ -258,12 +339,12 @@ def create_app(engine: Engine, model_name: str, *, adapters: list[str] = (), api
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": text.text},
                                  "finish_reason": reason}], "usage": usage(ids, text)}
 
-        return await run(req, ids, params, chunk, final)
+        return await run(request, req, ids, params, chunk, final)
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         prompt = req.prompt[0] if isinstance(req.prompt, list) else req.prompt
-        ids = engine.tokenizer(prompt)["input_ids"]
+        ids = (await asyncio.to_thread(engine.tokenizer, prompt))["input_ids"]
         if not ids:
             raise ApiError(400, "prompt is empty", param="prompt", code="invalid_value")
         params = checked(req, ids)
@@ -285,7 +366,7 @@ def create_app(engine: Engine, model_name: str, *, adapters: list[str] = (), api
                     "choices": [{"index": 0, "text": text.text, "logprobs": logprobs, "finish_reason": reason}],
                     "usage": usage(ids, text)}
 
-        return await run(req, ids, params, chunk, final)
+        return await run(request, req, ids, params, chunk, final)
 
     @app.get("/v1/models")
     async def models():
