@@ -24,7 +24,6 @@ adapter. `patch(model)` installs it; `kernels.apply_lora` decides when.
 from __future__ import annotations
 
 import functools
-import logging
 import types
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -34,8 +33,6 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.kernels import nf4
-
-log = logging.getLogger(__name__)
 
 
 class Parts(NamedTuple):
