@@ -44,6 +44,10 @@ def test_compare_two_runs_and_an_eval(tmp_path):
     assert "+0.5 [+0.25, +0.75] p=0.031 (better)" in html
     assert "+0.75 [" in html  # the eval's target − baseline
 
+    table = compare.format_pairs(result).splitlines()
+    assert [c.strip() for c in table[2].split("|")] == [
+        "r16 − r8, validation (12)", "exact_match", "0.3333", "0.8333", "+0.5 [+0.25, +0.75] p=0.031 (better)"]
+
 
 def test_compare_refuses_what_it_cannot_read(tmp_path):
     run = make_run(tmp_path, "r8", r=8, right=4)
@@ -62,3 +66,4 @@ def test_compare_a_run_still_training_has_curves_and_no_pairs(tmp_path):
     assert [f["name"] for f in result["folders"]] == ["a/run", "b/run"]  # same folder names: told apart by path
     assert [f["status"] for f in result["folders"]] == ["finished", "interrupted"]  # no status.json, no summary
     assert result["pairs"] == [] and len(figures) == 3
+    assert compare.format_pairs(result).startswith("no two folders answered the same rows")

@@ -251,6 +251,22 @@ def _scores(metrics: dict | None) -> list[str]:
     return list(scores(metrics))
 
 
+def format_pairs(result: dict) -> str:
+    """Terminal table of the paired differences: b − a (task, rows) | metric | a | b | b − a [95% CI] p."""
+    from tunelab.tracking.report import _text_table, fmt_value
+    from tunelab.tracking.stat_tables import fmt_difference, verdict
+
+    rows = [("pair (rows)", "metric", "first", "second", "second − first [95% CI]")]
+    for pair in result["pairs"]:
+        label = f"{pair['b']} − {pair['a']}, {pair['task']} ({pair['n']})"
+        for metric, test in pair["metrics"].items():
+            shown = fmt_difference(test) + (f" ({v})" if (v := verdict(metric, test)) else "")
+            rows.append((label, metric, *map(fmt_value, pair["means"][metric]), shown))
+    if len(rows) == 1:
+        return "no two folders answered the same rows: no paired differences"
+    return _text_table(rows, labels=2)
+
+
 def run(paths: list[str | os.PathLike], output: str | os.PathLike) -> dict:
     """Write output/compare.html and output/compare.json; returns compare.json's content plus
     `output` (the folder)."""
