@@ -61,3 +61,57 @@ def test_a_prompts_file_row_without_the_context_its_style_needs_fails_before_the
     prompts.write_text('{"prompt": "a?", "context": "A."}\n{"prompt": "b?"}\n')
     assert main(["generate", str(tiny_model_dir), "--input", str(prompts), "--style", "grounded"]) == 2
     assert "prompts.jsonl:2" in capsys.readouterr().err
+
+
+# ---- item 12: packaged recipes and "did you mean" ----------------------------------------------
+
+def test_packaged_recipes_by_name(tmp_path, monkeypatch):
+    from tunelab.config import load_config, recipe_names
+
+    monkeypatch.chdir(tmp_path)  # no recipes/ folder here: the names come from the package
+    assert {"quickstart", "samsum-lora", "dpo"} <= set(recipe_names())
+    assert load_config("quickstart").data.source == "synthetic:meetup"
+    assert load_config("samsum-lora.yaml").data.format == "samsum"
+    with pytest.raises(TunelabError, match="did you mean samsum-lora"):
+        load_config("samsum-lroa")
+
+
+def test_train_help_lists_the_packaged_recipes(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "samsum-lora" in capsys.readouterr().out
+
+
+def test_a_misspelt_command_suggests_the_near_one(capsys):
+    with pytest.raises(SystemExit) as code:
+        main(["trian", "quickstart"])
+    assert code.value.code == 2 and "did you mean train?" in capsys.readouterr().err
+
+
+def test_misspelt_task_and_style_names_suggest_the_near_ones():
+    from tunelab.evals.tasks import check_names
+    from tunelab.inference.prompts import load_style
+
+    with pytest.raises(TunelabError, match="did you mean rouge"):
+        check_names(["perplexity", "rogue"])
+    with pytest.raises(TunelabError, match="did you mean grounded"):
+        load_style("grouned")
+
+
+@pytest.mark.parametrize("kind", ["task", "style"])
+def test_latin1_task_and_style_files_name_the_file(kind, tmp_path):
+    from tunelab.evals.tasks import read_task_file
+    from tunelab.inference.prompts import load_style
+
+    path = tmp_path / f"{kind}.yaml"
+    path.write_bytes('user: "{prompt} \u00e0 Z\u00fcrich"\n'.encode("latin-1"))
+    with pytest.raises(TunelabError, match=f"{kind}.yaml: not UTF-8 text"):
+        (read_task_file if kind == "task" else load_style)(path if kind == "task" else str(path))
+
+
+def test_a_latin1_context_file_names_the_file(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    _no_model(monkeypatch)
+    context = tmp_path / "context.txt"
+    context.write_bytes("Z\u00fcrich".encode("latin-1"))
+    assert main(["generate", str(tiny_model_dir), "--prompt", "q", "--style", "grounded", "--context", str(context)]) == 2
+    assert "context.txt: not UTF-8" in capsys.readouterr().err

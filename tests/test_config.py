@@ -94,3 +94,73 @@ def test_data_adapter_is_the_old_name_of_data_format(tmp_path, caplog):
     assert "adapter" not in cfg.model_dump()["data"]  # config.yaml writes the new name
     with pytest.raises(TunelabError, match="data.adapter: the old name of data.format; keep only data.format"):
         load_config(_recipe(tmp_path, "data: {adapter: samsum, format: alpaca, source: x}\n"))
+
+
+# ---- every config error instant and naming its key or file (#15 item 8) ----
+
+
+def test_a_malformed_override_value_names_its_key():
+    with pytest.raises(TunelabError, match=r"override 'train.lr=\[1,': the value of train.lr is not valid YAML"):
+        load_config(None, ["train.lr=[1,"])
+
+
+def test_a_recipe_that_is_not_utf8_names_the_file_and_the_encoding(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("run: {name: caf\u00e9}\ndata: {format: samsum, source: x}\n".encode("latin-1"))
+    with pytest.raises(TunelabError) as err:
+        load_config(path)
+    assert str(path) in str(err.value) and "not UTF-8" in str(err.value) and "line 1" in str(err.value)
+
+
+def test_an_unknown_optimizer_fails_validation_with_a_suggestion():
+    with pytest.raises(TunelabError, match="train.optim: unknown optimizer 'bogus_opt'"):
+        load_config(None, ["data.format=samsum", "data.source=x", "train.optim=bogus_opt"])
+    with pytest.raises(TunelabError, match="did you mean adamw_torch"):
+        load_config(None, ["data.format=samsum", "data.source=x", "train.optim=adamw_troch"])
+
+
+def test_the_optimizer_list_is_transformers_own():
+    from transformers.training_args import OptimizerNames
+
+    from tunelab.config import OPTIMIZERS
+
+    assert sorted(OPTIMIZERS) == sorted(o.value for o in OptimizerNames)
+
+
+def test_an_unknown_key_suggests_the_near_one():
+    with pytest.raises(TunelabError, match="train.lrr: unknown key; did you mean train.lr"):
+        load_config(None, ["data.format=samsum", "data.source=x", "train.lrr=1e-4"])
+    with pytest.raises(TunelabError, match="trian: unknown key; did you mean train"):
+        load_config(None, ["data.format=samsum", "data.source=x", "trian.lr=1e-4"])
+
+
+CONFIG_ERRORS = """
+import sys, time
+from tunelab.cli import main
+start = time.time()
+codes = [main(argv) for argv in ARGVS]
+print(codes, "torch" in sys.modules, round(time.time() - start, 2))
+"""
+
+
+def test_config_errors_of_every_training_command_import_no_torch(tmp_path):
+    import subprocess
+    import sys
+
+    bad = _recipe(tmp_path, "data: {format: samsum, source: x}\ntrain: {optim: bogus_opt}\n")
+    argvs = [["train", str(bad)], ["train", str(bad), "--nproc", "2"], ["reward", str(bad)], ["dpo", str(bad)],
+             ["rl", str(bad)], ["kfold", str(bad)], ["quickstart", "train.optim=bogus_opt"],
+             ["train", str(bad), "train.lr=[1,"], ["eval", "embedded", "limit=0"]]
+    out = subprocess.run([sys.executable, "-c", CONFIG_ERRORS.replace("ARGVS", repr(argvs))], cwd=tmp_path,
+                         capture_output=True, text=True, check=True)
+    codes, torch_loaded, _seconds = out.stdout.rsplit("]", 1)[0] + "]", *out.stdout.rsplit("]", 1)[1].split()
+    assert codes == repr([2] * len(argvs)), out.stderr
+    assert torch_loaded == "False"
+    assert out.stderr.count("error: ") == len(argvs) and "Traceback" not in out.stderr
+
+
+def test_activation_offload_needs_checkpointing():
+    with pytest.raises(TunelabError, match="train.activation_offload: offloads the hidden states that checkpointing"):
+        load_config(None, ["data.format=samsum", "data.source=x", "train.activation_offload=true"])
+    assert load_config(None, ["data.format=samsum", "data.source=x", "train.activation_offload=true",
+                              "train.gradient_checkpointing=true"]).train.activation_offload

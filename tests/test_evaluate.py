@@ -184,7 +184,7 @@ def test_task_file_with_a_bad_key_fails_naming_it(tmp_path, tiny_model_dir):
 
 
 def test_unknown_task_and_missing_rows_are_user_errors(tmp_path, tiny_model_dir):
-    with pytest.raises(TunelabError, match=r"unknown task 'hellaswg'; choose from perplexity, rouge, .*truthfulqa_mc2"):
+    with pytest.raises(TunelabError, match=r"unknown task 'hellaswg'; did you mean hellaswag\? \(tasks: perplexity, rouge, .*truthfulqa_mc2"):
         _eval(str(tiny_model_dir), ["hellaswg"], output=str(tmp_path))
     with pytest.raises(TunelabError, match="pass --dataset SOURCE --format NAME"):
         _eval(str(tiny_model_dir), ["rouge"], output=str(tmp_path))

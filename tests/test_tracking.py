@@ -15,12 +15,8 @@ import pytest
 import torch
 
 from tunelab.errors import TunelabError
-from tunelab.tracking.metrics import (
-    MetricsCallback,
-    append_jsonl,
-    read_jsonl,
-    write_json,
-)
+from tunelab.tracking.live import MetricsCallback
+from tunelab.tracking.metrics import append_jsonl, read_jsonl, write_json
 from tunelab.tracking.plots import plot_metrics
 from tunelab.tracking.report import format_before_after, write_report
 from tunelab.tracking.wandb_setup import finish_wandb, wandb_report_to

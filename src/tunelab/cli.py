@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 
-from tunelab.errors import TunelabError
+from tunelab.errors import TunelabError, did_you_mean
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,10 +32,21 @@ def _quiet_libraries(verbose: bool) -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def _check_command(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """An unknown command name ends with the near one ("did you mean train?"); argparse alone lists them all."""
+    from tunelab.commands import COMMANDS
+
+    name = next((arg for arg in argv if not arg.startswith("-")), None)
+    names = [command.name for command in COMMANDS]
+    if name is not None and name not in names:
+        parser.error(f"unknown command {name!r}{did_you_mean(name, names)} (commands: {', '.join(names)})")
+
+
 def parse_args(argv: list[str] | None):
     """argparse, plus overrides written after an option (`train r.yaml --nproc 2 a.b=c`), which
     argparse alone rejects once the positional overrides are behind it."""
     parser = build_parser()
+    _check_command(parser, sys.argv[1:] if argv is None else argv)
     args, extra = parser.parse_known_args(argv)
     if extra and not (hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -446,6 +446,9 @@ class Config(_Section):
                 "or set quantization.bits=null"
             )
         problems += _selection_problems(self.train)
+        if self.train.activation_offload and not self.train.gradient_checkpointing:
+            problems.append("train.activation_offload: offloads the hidden states that checkpointing keeps; "
+                            "set train.gradient_checkpointing=true too")
         if (self.data.folds is None) != (self.data.fold is None):
             problems.append("data.fold: data.folds and data.fold are set together (or neither)")
         elif self.data.folds is not None and self.data.fold >= self.data.folds:

@@ -74,6 +74,9 @@ def check(cfg: Config, processes: int) -> None:
     if cfg.quantization.bits == 8:
         problems.append("distributed.strategy: FSDP cannot shard 8-bit bitsandbytes weights; use quantization.bits=4 "
                         "(QLoRA shards) or distributed.strategy=ddp")
+    if cfg.train.activation_offload:
+        problems.append("train.activation_offload: not tested under FSDP (each process would offload its shards); "
+                        "set it to false for several processes")
     if cfg.distributed.cpu_ram_efficient_loading and cfg.quantization.bits:
         problems.append("distributed.cpu_ram_efficient_loading: not with quantization.bits (every process "
                         "quantizes its own copy on its GPU); set it to false")

@@ -5,6 +5,9 @@ before (once; a resumed run reuses it) → train → evaluate after → gather s
 samples, summary, plots, report. A stage (`stages/sft.py`, `reward.py`, `dpo.py`, `rl.py`)
 brings only what differs, as a `Stage`: how it loads, which trainer it builds, what "better"
 means for it. Everything that depends on the number of processes lives here, once.
+
+torch and transformers are imported inside the functions: a command imports its stage (and so
+this module) only after its config validated, and the stage modules stay light to import.
 """
 
 from __future__ import annotations
@@ -18,13 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from tunelab import distributed
 from tunelab.config import Config, dump_config
 from tunelab.distributed import is_main
 from tunelab.errors import TunelabError
-from tunelab.tracking.metrics import MetricsCallback, read_jsonl, write_json
+from tunelab.tracking.metrics import read_jsonl, write_json
 
 log = logging.getLogger(__name__)
 
@@ -124,12 +125,15 @@ def check_processes(cfg: Config, stage: Stage) -> None:
 
 
 def peak_memory_gb() -> float:
+    import torch
+
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
 
 
 def train(trainer, resume_from: Path | None) -> dict:
+    import torch
     from transformers import set_seed
 
     # The shuffle order is drawn from the global RNG when training starts; re-seed so it does not
@@ -186,6 +190,7 @@ def run(cfg: Config, stage: Stage) -> RunResult:
 
     from tunelab.models.build import precision
     from tunelab.trainer import stage_arguments
+    from tunelab.tracking.live import MetricsCallback
     from tunelab.tracking.plots import plot_curves, plot_metrics
     from tunelab.tracking.report import write_report
     from tunelab.tracking.wandb_setup import finish_wandb, wandb_report_to
@@ -242,6 +247,8 @@ def run(cfg: Config, stage: Stage) -> RunResult:
 
 def train_stats(trainer, timing: dict, run_dir: Path) -> dict:
     """The summary's `train` numbers every training stage reports."""
+    import torch
+
     return {
         "steps": trainer.state.global_step,
         "epochs": trainer.state.epoch,

@@ -51,9 +51,12 @@ def _pair(text: str, flag: str) -> tuple[str, str]:
 
 def _read(path: str, flag: str) -> str:
     try:
-        return Path(path).read_text()
+        return Path(path).read_text(encoding="utf-8")
     except OSError as err:
         raise TunelabError(f"{flag} {path}: cannot read it: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise TunelabError(f"{flag} {path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}; "
+                           "probably Latin-1 or Windows-1252); save it as UTF-8") from None
 
 
 def _input_rows(path: str) -> list[tuple[int, dict]]:

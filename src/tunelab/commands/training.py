@@ -39,13 +39,17 @@ class RecipeCommand(Command):
         return RESUME.format(name=self.name)
 
     def arguments(self, parser) -> None:
-        parser.add_argument("recipe", help=f"recipe YAML, e.g. {self.example}")
+        from tunelab.config import recipe_names
+
+        parser.add_argument("recipe", help=f"recipe YAML, e.g. {self.example}, or a packaged recipe by name: "
+                                           f"{', '.join(recipe_names())}")
         parser.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
         add_overrides(parser)
 
     def run(self, args) -> None:
+        cfg = recipe_config(args)  # before the stage module imports torch: config errors are instant
         stage = importlib.import_module(f"tunelab.stages.{self.stage}")
-        print_result(stage.run(recipe_config(args)))
+        print_result(stage.run(cfg))
 
 
 class Train(RecipeCommand):
@@ -60,12 +64,13 @@ class Train(RecipeCommand):
 
     def run(self, args) -> None:
         from tunelab import distributed
-        from tunelab.stages import sft
 
-        cfg = recipe_config(args)  # config errors show once, before N processes start
+        cfg = recipe_config(args)  # config errors show once, before N processes start and before torch loads
         if args.nproc > 1 and distributed.world_size() == 1:
             distributed.check(cfg, args.nproc)
             distributed.relaunch(args.nproc, args.argv)
+        from tunelab.stages import sft
+
         result = sft.run(cfg)
         if distributed.is_main():
             print_result(result)
@@ -106,18 +111,21 @@ class Kfold(Command):
     interrupted = "interrupted; re-run the same command (finished folds are reused, a killed one resumes)"
 
     def arguments(self, parser) -> None:
-        parser.add_argument("recipe", help="recipe YAML; a `sweep:` section in it is cross-validated point by point")
+        parser.add_argument("recipe", help="recipe YAML (or a packaged recipe's name); a `sweep:` section in it is "
+                                           "cross-validated point by point")
         parser.add_argument("--folds", type=int, help="number of folds K (kfold.folds, default 5)")
         parser.add_argument("--metric", help="metric that picks the best sweep point (kfold.metric, default loss)")
         add_overrides(parser)
 
     def run(self, args) -> None:
         from tunelab.config import load_config
+
+        flags = [f"kfold.{key}={value}" for key, value in (("folds", args.folds), ("metric", args.metric)) if value]
+        cfg = load_config(args.recipe, [*args.overrides, *flags])  # before torch loads: config errors are instant
         from tunelab.stages import kfold
         from tunelab.tracking.report import format_kfold
 
-        flags = [f"kfold.{key}={value}" for key, value in (("folds", args.folds), ("metric", args.metric)) if value]
-        result = kfold.run(load_config(args.recipe, [*args.overrides, *flags]))
+        result = kfold.run(cfg)
         print()
         print(format_kfold(result.summary))
         print(f"\nk-fold folder: {result.run_dir}  (report: {result.run_dir / 'kfold.html'})")

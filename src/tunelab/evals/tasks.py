@@ -16,11 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from tunelab.config import renamed_format
-from tunelab.errors import TunelabError
+from tunelab.config import read_yaml, renamed_format
+from tunelab.errors import TunelabError, did_you_mean
 from tunelab.evals.harness import HARNESS_TASKS
 
 GENERATION_METRICS = ("rouge", "exact_match", "bleu")
@@ -197,10 +196,7 @@ class TaskSpec(BaseModel):
 
 def read_task_file(path: Path) -> TaskSpec:
     """Parse and validate a task YAML; every problem is reported with its field."""
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise TunelabError(f"task file {path}: cannot read it as YAML ({err})") from None
+    data = read_yaml(path, "task file")
     try:
         return TaskSpec.model_validate(data)
     except ValidationError as err:
@@ -224,7 +220,8 @@ def check_names(names: list[str]) -> None:
             if not Path(name).is_file():
                 raise TunelabError(f"--tasks: task file {name} does not exist")
         elif name not in TASKS:
-            raise TunelabError(f"--tasks: unknown task '{name}'; choose from {', '.join(TASKS)} or a task YAML file")
+            raise TunelabError(f"--tasks: unknown task '{name}'{did_you_mean(name, TASKS)} (tasks: {', '.join(TASKS)}, "
+                               "or a task YAML file)")
 
 
 def custom_task(path: Path, limit: int | None) -> DatasetTask:

@@ -14,10 +14,9 @@ import string
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
+from tunelab.config import read_yaml
 from tunelab.data.templates import _needs_bos, render  # the same BOS rule as training's tokenization
-from tunelab.errors import TunelabError
+from tunelab.errors import TunelabError, did_you_mean
 
 STYLE_DIR = Path(__file__).with_name("styles")
 KEYS = {"description", "system", "user", "steps", "defaults", "requires", "k"}
@@ -69,12 +68,10 @@ def load_style(name: str) -> Style:
     """A built-in style by name, or a user's style file (`my_style.yaml`)."""
     path = Path(name) if name.endswith((".yaml", ".yml")) else STYLE_DIR / f"{name}.yaml"
     if not path.is_file():
-        where = f"file {name} does not exist" if name.endswith((".yaml", ".yml")) else "unknown style"
+        where = (f"file {name} does not exist" if name.endswith((".yaml", ".yml"))
+                 else f"unknown style{did_you_mean(name, style_names())}")
         raise TunelabError(f"--style {name}: {where}; built in: {', '.join(style_names())}, or a path to a .yaml file")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise TunelabError(f"{path}: not valid YAML: {err}") from None
+    data = read_yaml(path, "style") or {}
     if not isinstance(data, dict):
         raise TunelabError(f"{path}: must be a mapping with at least `user: \"{{prompt}}\"`")
     problems = [f"{path}: unknown key '{k}' (allowed: {', '.join(sorted(KEYS))})" for k in data if k not in KEYS]

@@ -201,6 +201,7 @@ def load_for_training(cfg: Config, *, sharded: bool = False):
     model = build_model(source, tokenizer, **model_options(cfg, sharded=sharded))
     kernels.apply(model, cfg.train.kernels, sharded=sharded)
     model = apply_peft(model, cfg.peft, bool(cfg.quantization.bits), cfg.train.gradient_checkpointing)
+    kernels.apply_lora(model, cfg.train.kernels, sharded=sharded, activation_offload=cfg.train.activation_offload)
     return model, tokenizer
 
 

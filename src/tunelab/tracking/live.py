@@ -1,18 +1,44 @@
 """What a training run keeps current while it trains, for `tunelab board` and for anyone who opens
-the run folder: status.json's heartbeat at every log step, and the plots and report.html at
-every validation (so a long run has a current report before it ends)."""
+the run folder: metrics.jsonl (every Trainer log), status.json's heartbeat at every log step, and
+the plots and report.html at every validation (so a long run has a current report before it ends)."""
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from transformers import TrainerCallback
 
-from tunelab.tracking.metrics import read_jsonl
+from tunelab.tracking.metrics import _dumps, append_jsonl, atomic_write_text, perplexity, read_jsonl
 from tunelab.tracking.plots import plot_metrics
 from tunelab.tracking.report import write_report
 from tunelab.tracking.status import write_status
+
+
+class MetricsCallback(TrainerCallback):
+    """Mirrors every Trainer log to metrics.jsonl, the source for plots and the report."""
+
+    def __init__(self, path: str | os.PathLike, resume_step: int | None = None, perplexity: bool = True):
+        """`resume_step`: the checkpoint step a resumed run restarts from. Lines logged after
+        it are dropped now because the resumed run logs those steps again. `perplexity`: add
+        exp(loss) to loss lines (false where the loss is no cross-entropy, as in DPO)."""
+        self.path = Path(path)
+        self.perplexity = perplexity
+        if resume_step is not None and self.path.exists():
+            kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= resume_step]
+            atomic_write_text(self.path, "".join(_dumps(r) + "\n" for r in kept))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        # Under multi-process training every rank gets on_log; only one may write.
+        if not state.is_world_process_zero or not logs:
+            return
+        record = {"step": state.global_step, "epoch": state.epoch, "time": time.time(), **logs}
+        if "eval_loss" in logs and self.perplexity:
+            record["perplexity"] = perplexity(logs["eval_loss"])
+        if "loss" in logs and self.perplexity:
+            record["train_perplexity"] = perplexity(logs["loss"])
+        append_jsonl(self.path, record)
 
 
 class LiveRunCallback(TrainerCallback):

@@ -1,5 +1,8 @@
 """Run-folder metric files: metrics.jsonl (one line per Trainer log) and JSON summaries.
 
+No transformers here (the callback that writes metrics.jsonl is in `tracking/live.py`): the
+board, compare and report read run folders without importing torch.
+
 Files are written so that a crash or a resumed run never leaves them invalid or duplicated:
 whole-file writes are atomic, NaN/inf become null (strict JSON), and a resumed run first drops
 the lines it is about to log again.
@@ -16,8 +19,6 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-
-from transformers import TrainerCallback
 
 from tunelab.errors import TunelabError
 
@@ -106,28 +107,3 @@ def perplexity(loss: float) -> float:
         return math.exp(loss)
     except OverflowError:
         return math.inf
-
-
-class MetricsCallback(TrainerCallback):
-    """Mirrors every Trainer log to metrics.jsonl, the source for plots and the report."""
-
-    def __init__(self, path: str | os.PathLike, resume_step: int | None = None, perplexity: bool = True):
-        """`resume_step`: the checkpoint step a resumed run restarts from. Lines logged after
-        it are dropped now because the resumed run logs those steps again. `perplexity`: add
-        exp(loss) to loss lines (false where the loss is no cross-entropy, as in DPO)."""
-        self.path = Path(path)
-        self.perplexity = perplexity
-        if resume_step is not None and self.path.exists():
-            kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= resume_step]
-            atomic_write_text(self.path, "".join(_dumps(r) + "\n" for r in kept))
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        # Under multi-process training every rank gets on_log; only one may write.
-        if not state.is_world_process_zero or not logs:
-            return
-        record = {"step": state.global_step, "epoch": state.epoch, "time": time.time(), **logs}
-        if "eval_loss" in logs and self.perplexity:
-            record["perplexity"] = perplexity(logs["eval_loss"])
-        if "loss" in logs and self.perplexity:
-            record["train_perplexity"] = perplexity(logs["loss"])
-        append_jsonl(self.path, record)
