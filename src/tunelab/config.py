@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tunelab.errors import TunelabError
+from tunelab.errors import TunelabError, did_you_mean
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +148,20 @@ class EvalGenerationConfig(_Section):
         return "rouge_l" if self.task == "rouge" else self.task
 
 
+OPTIMIZERS = (
+    "adamw_torch", "adamw_torch_fused", "adamw_torch_xla", "adamw_torch_npu_fused", "adafactor", "adamw_anyprecision",
+    "adamw_torch_4bit", "adamw_torch_8bit", "ademamix", "sgd", "adagrad", "adamw_bnb_8bit", "adamw_8bit",
+    "ademamix_8bit", "lion_8bit", "lion_32bit", "paged_adamw_32bit", "paged_adamw_8bit", "paged_ademamix_32bit",
+    "paged_ademamix_8bit", "paged_lion_32bit", "paged_lion_8bit", "rmsprop", "rmsprop_bnb", "rmsprop_bnb_8bit",
+    "rmsprop_bnb_32bit", "galore_adamw", "galore_adamw_8bit", "galore_adafactor", "galore_adamw_layerwise",
+    "galore_adamw_8bit_layerwise", "galore_adafactor_layerwise", "lomo", "adalomo", "grokadamw",
+    "schedule_free_radam", "schedule_free_adamw", "schedule_free_sgd", "apollo_adamw", "apollo_adamw_layerwise",
+    "stable_adamw",
+)
+"""transformers' `OptimizerNames` (5.23), written out because reading the enum imports torch and
+validation must not; `tests/test_config.py` checks that the two lists agree."""
+
+
 class TrainConfig(_Section):
     epochs: float = Field(1.0, gt=0)
     """Passes over the training data (ignored when max_steps is set)."""
@@ -169,6 +183,14 @@ class TrainConfig(_Section):
     """Gradient clipping norm."""
     optim: str = "adamw_torch"
     """Optimizer name as transformers knows it (e.g. paged_adamw_8bit for QLoRA on a GPU)."""
+
+    @field_validator("optim")
+    @classmethod
+    def _known_optimizer(cls, value: str) -> str:
+        if value not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {value!r}{did_you_mean(value, OPTIMIZERS)} "
+                             "(transformers' names: adamw_torch, adamw_8bit, paged_adamw_8bit, sgd, adafactor, ...)")
+        return value
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """Mixed precision; `auto` = bf16 where the GPU supports it, else fp32."""
     gradient_checkpointing: bool = False
@@ -520,7 +542,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key:
         raise TunelabError(f"override {text!r}: expected key.sub=value, e.g. train.max_steps=20")
-    value = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise TunelabError(f"override {text!r}: the value of {key.strip()} is not valid YAML ({problem}); "
+                           "to pass it as text, quote it in YAML inside the shell's quotes: 'key=\"text\"'") from None
     return key.strip().split("."), value
 
 
@@ -542,12 +569,25 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def _format_errors(err: ValidationError, origin: str) -> str:
+def _known_keys(schema: type[BaseModel], loc: tuple) -> list[str]:
+    """The keys declared beside the last part of `loc` (a field path), as full paths."""
+    section: Any = schema
+    for part in loc[:-1]:
+        field = section.model_fields.get(part) if isinstance(part, str) else None
+        section = _section_type(field.annotation) if field else None
+        if section is None:
+            return []
+    prefix = ".".join(map(str, loc[:-1]))
+    return [f"{prefix}.{name}" if prefix else name for name in section.model_fields]
+
+
+def _format_errors(err: ValidationError, origin: str, schema: type[BaseModel] = None) -> str:
     lines = [f"invalid config ({origin}):"]
     for e in err.errors():
         field = ".".join(str(p) for p in e["loc"]) or "(top level)"
         if e["type"] == "extra_forbidden":
-            msg = "unknown key; check the spelling (see recipes/ and the README for the keys)"
+            near = did_you_mean(field, _known_keys(schema, e["loc"])) if schema else ""
+            msg = f"unknown key{near} (see recipes/ and the README for the keys)"
         elif e["type"] == "literal_error":
             msg = f"got {e['input']!r}; allowed: {e['ctx']['expected']}"
         elif e["type"] == "value_error":
@@ -566,21 +606,61 @@ def build_config(data: dict, origin: str = "config", schema: type[BaseModel] = C
     try:
         return schema.model_validate(data)
     except ValidationError as err:
-        raise TunelabError(_format_errors(err, origin)) from None
+        raise TunelabError(_format_errors(err, origin, schema)) from None
+
+
+def recipe_names() -> list[str]:
+    """The recipes shipped in the package (`tunelab/recipes/*.yaml`), by name."""
+    from importlib.resources import files
+
+    return sorted(p.name.removesuffix(".yaml") for p in files("tunelab").joinpath("recipes").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def find_recipe(name: str | Path) -> Path:
+    """A recipe file: the path itself when it exists, else the packaged recipe of that name
+    (`samsum-lora` or `samsum-lora.yaml`), else an error that lists the near names."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    from importlib.resources import as_file, files
+
+    stem = path.name.removesuffix(".yaml")
+    if path.parent == Path(".") and stem in recipe_names():
+        with as_file(files("tunelab").joinpath("recipes", f"{stem}.yaml")) as packaged:
+            return Path(packaged)
+    raise TunelabError(f"recipe {name}: no such file or packaged recipe{did_you_mean(stem, recipe_names())} "
+                       f"(packaged: {', '.join(recipe_names())})")
+
+
+def read_yaml(path: Path, what: str) -> Any:
+    """A YAML file's content; a file that is not UTF-8 or not YAML is an error naming it (never a traceback)."""
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise TunelabError(f"{what} {path}: cannot read it ({err.strerror})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise TunelabError(
+            f"{what} {path}: not UTF-8 text (byte 0x{raw[err.start]:02x} on line {line}; the file is probably "
+            f"Latin-1 or Windows-1252); save it as UTF-8, e.g. iconv -f latin1 -t utf-8 {path.name} > new.yaml"
+        ) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise TunelabError(f"{what} {path}: not valid YAML: {err}") from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Read a recipe (may be None: defaults only), apply `a.b=c` overrides, validate everything."""
+    """Read a recipe (a file or a packaged recipe's name; None: defaults only), apply `a.b=c`
+    overrides, validate everything."""
     data: dict = {}
     origin = "command line"
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise TunelabError(f"recipe {path}: no such file")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise TunelabError(f"recipe {path}: not valid YAML: {err}") from None
+        path = find_recipe(path)
+        data = read_yaml(path, "recipe") or {}
         if not isinstance(data, dict):
             raise TunelabError(f"recipe {path}: expected a mapping of sections (run, model, data, ...)")
         origin = str(path) + (" + overrides" if overrides else "")
