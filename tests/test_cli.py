@@ -115,3 +115,43 @@ def test_a_latin1_context_file_names_the_file(tmp_path, tiny_model_dir, monkeypa
     context.write_bytes("Z\u00fcrich".encode("latin-1"))
     assert main(["generate", str(tiny_model_dir), "--prompt", "q", "--style", "grounded", "--context", str(context)]) == 2
     assert "context.txt: not UTF-8" in capsys.readouterr().err
+
+
+# ---- item 11: chat's /help, line editing and history --------------------------------------------
+
+class _EchoEngine:
+    """Stands in for a model: replies 'ok' to every turn."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def stream(self, ids, params):
+        yield "ok"
+
+    def close(self):
+        pass
+
+
+def test_chat_help_commands_and_history_across_sessions(tmp_path, tokenizer, monkeypatch, capsys):
+    readline = pytest.importorskip("readline")
+    from tunelab.inference import backends
+
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path))
+    (tmp_path / "chat_history").write_text("an earlier question\n")
+    monkeypatch.setattr(backends, "load_engine", lambda *args, **kwargs: _EchoEngine(tokenizer))
+    lines = iter(["/help", "/stlye role", "hello", "/exit"])
+
+    def typed(prompt):
+        line = next(lines)
+        readline.add_history(line)  # what readline's input() does on a terminal
+        return line
+
+    monkeypatch.setattr("builtins.input", typed)
+    assert main(["chat", "embedded"]) == 0
+    out = capsys.readouterr().out
+    assert "/help lists the commands" in out
+    assert "/style NAME" in out and "/reset" in out and "Ctrl-R" in out  # /help
+    assert "unknown command /stlye; did you mean /style?" in out
+    assert "model> ok" in out
+    saved = (tmp_path / "chat_history").read_text().splitlines()
+    assert saved[0] == "an earlier question" and saved[-2:] == ["hello", "/exit"]

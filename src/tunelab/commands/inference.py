@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
 from tunelab.commands.base import Command
-from tunelab.errors import TunelabError
+from tunelab.errors import TunelabError, did_you_mean
 
 TARGET_HELP = "run folder, adapter or model folder, Hub id, .gguf file, or `embedded`"
 
@@ -121,39 +122,88 @@ def _generate(args) -> None:
         engine.close()
 
 
+CHAT_COMMANDS = {
+    "/help": "this list",
+    "/style NAME": "switch the prompt style (plain, role, cot, grounded, few_shot, or a .yaml file)",
+    "/reset": "forget the conversation so far",
+    "/exit": "leave (also /quit, Ctrl-D)",
+}
+
+
+def _line_editing() -> Path | None:
+    """Line editing (arrow keys, Ctrl-R) and a history kept across sessions for input(), through
+    readline where Python has it (not on Windows); returns the history file, or None."""
+    try:
+        import readline
+    except ImportError:
+        return None
+    from tunelab.models.loading import cache_root
+
+    path = cache_root() / "chat_history"
+    with contextlib.suppress(OSError):  # the first session has none yet
+        readline.read_history_file(path)
+    readline.set_history_length(1000)
+    return path
+
+
+def _save_history(path: Path) -> None:
+    import readline
+
+    with contextlib.suppress(OSError):  # a read-only cache costs the history, never the chat
+        path.parent.mkdir(parents=True, exist_ok=True)
+        readline.write_history_file(path)
+
+
+def _chat_command(line: str, styler: _Styler, turns: list[dict], history_file: Path | None) -> list[dict]:
+    """Do one /command; returns the conversation's turns (cleared by /reset)."""
+    from tunelab.inference.prompts import load_style
+
+    name, _, rest = line.partition(" ")
+    if name == "/help":
+        width = max(map(len, CHAT_COMMANDS))
+        print("\n".join(f"  {command.ljust(width)}  {what}" for command, what in CHAT_COMMANDS.items()))
+        if history_file:
+            print(f"  arrow keys edit and recall lines, Ctrl-R searches them (history: {history_file})")
+    elif name == "/reset":
+        print("(conversation cleared)")
+        return []
+    elif name == "/style":
+        try:
+            styler.style = load_style(rest.strip())
+            print(f"(style {styler.style.name})")
+        except TunelabError as err:
+            print(f"({err})")
+    else:
+        known = [command.split()[0] for command in CHAT_COMMANDS]
+        print(f"(unknown command {name}{did_you_mean(name, known)}; /help lists them)")
+    return turns
+
+
 def _chat(args) -> None:
     from tunelab.inference.backends import load_engine
-    from tunelab.inference.prompts import load_style, prompt_ids
+    from tunelab.inference.prompts import prompt_ids
 
     styler, params = _Styler(args), _sampling(args)
     styler.messages("")  # a style's missing input (--context, --examples, --var) fails before the model loads
     engine = load_engine(args.target, args.backend, **_engine_options(args))
-    history: list[dict] = []
-    print(f"chatting with {args.target} (style {styler.style.name}); /style NAME, /reset, /exit")
+    history_file = _line_editing()
+    turns: list[dict] = []
+    print(f"chatting with {args.target} (style {styler.style.name}); /help lists the commands, /exit leaves")
     try:
         while True:
             try:
                 line = input("you> ").strip()
             except EOFError:
                 break
-            if not line:
-                continue
             if line in ("/exit", "/quit"):
                 break
-            if line == "/reset":
-                history = []
-                print("(conversation cleared)")
+            if line.startswith("/"):
+                turns = _chat_command(line, styler, turns, history_file)
                 continue
-            if line.startswith("/style"):
-                name = line.removeprefix("/style").strip()
-                try:
-                    styler.style = load_style(name)
-                    print(f"(style {styler.style.name})")
-                except TunelabError as err:
-                    print(f"({err})")
+            if not line:
                 continue
             try:
-                messages = styler.messages(line, history=history)
+                messages = styler.messages(line, history=turns)
             except TunelabError as err:
                 print(f"({err})")
                 continue
@@ -163,9 +213,11 @@ def _chat(args) -> None:
                 print(piece, end="", flush=True)
                 reply += piece
             print()
-            history += [{"role": "user", "content": line}, {"role": "assistant", "content": reply}]
+            turns += [{"role": "user", "content": line}, {"role": "assistant", "content": reply}]
     finally:
         engine.close()
+        if history_file:
+            _save_history(history_file)
 
 
 def _serve(args) -> None:
@@ -252,7 +304,7 @@ class Generate(Command):
 
 class Chat(Command):
     name = "chat"
-    help = "interactive multi-turn chat (streaming; /style NAME, /reset, /exit)"
+    help = "interactive multi-turn chat (streaming; /help, /style NAME, /reset, /exit; line editing and history)"
     interrupted = "bye"
 
     def arguments(self, parser) -> None:

@@ -170,8 +170,9 @@ def lora_config(peft: PeftConfig, task_type: str = "CAUSAL_LM"):
     )
 
 
-def apply_peft(model, peft: PeftConfig, quantized: bool, gradient_checkpointing: bool):
-    """Wrap the model in a LoRA/DoRA adapter (QLoRA when the base is quantized); full = unchanged."""
+def apply_peft(model, peft: PeftConfig, quantized: bool, gradient_checkpointing: bool, task_type: str = "CAUSAL_LM"):
+    """Wrap the model in a LoRA/DoRA adapter (QLoRA when the base is quantized); full = unchanged.
+    task_type SEQ_CLS: a reward model (the new score head trains in full, see lora_config)."""
     if peft.method == "full":
         if gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -188,7 +189,7 @@ def apply_peft(model, peft: PeftConfig, quantized: bool, gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     try:
-        return get_peft_model(model, lora_config(peft))
+        return get_peft_model(model, lora_config(peft, task_type=task_type))
     except ValueError as err:  # e.g. target module names that the model does not have
         raise TunelabError(f"peft.target_modules={peft.target_modules!r}: {err}") from None
 
