@@ -10,14 +10,14 @@ import pytest
 from tests.run_folders import make_eval, make_run
 from tunelab.errors import TunelabError
 from tunelab.evals.stats import mean_interval
-from tunelab.stages import compare
+from tunelab.tracking import compare
 
 
 def test_compare_two_runs_and_an_eval(tmp_path):
     a = make_run(tmp_path, "r8", r=8, right=4)
     b = make_run(tmp_path, "r16", r=16, right=10)
     ev = make_eval(tmp_path, "ev", right=9)
-    result = compare.run([a, b, ev], tmp_path / "cmp")
+    result = compare.write([a, b, ev], tmp_path / "cmp")
     saved = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert saved["pairs"] == json.loads(json.dumps(result["pairs"]))
 
@@ -52,10 +52,10 @@ def test_compare_two_runs_and_an_eval(tmp_path):
 def test_compare_refuses_what_it_cannot_read(tmp_path):
     run = make_run(tmp_path, "r8", r=8, right=4)
     with pytest.raises(TunelabError, match="at least two"):
-        compare.run([run], tmp_path / "out")
+        compare.write([run], tmp_path / "out")
     (tmp_path / "empty").mkdir()
     with pytest.raises(TunelabError, match="empty is neither a run folder"):
-        compare.run([run, tmp_path / "empty"], tmp_path / "out")
+        compare.write([run, tmp_path / "empty"], tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 

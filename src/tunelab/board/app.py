@@ -3,7 +3,7 @@ pages rendered on the server, like the review app).
 
 The runs list, a run page whose curves follow metrics.jsonl while the run trains (board.js polls
 /api/metrics/<run>), its samples, checkpoints and reports, and the compare view of the selected
-runs (`stages/compare.py`). It binds 127.0.0.1 by default and only reads: every path a request
+runs (`tracking/compare.py`). It binds 127.0.0.1 by default and only reads: every path a request
 names must resolve inside the folder. Pages allow only our own script; the reports and the
 compare view it serves (self-contained HTML with inline CSS) run no script at all.
 """
@@ -72,7 +72,7 @@ def create_app(runs_dir: str | Path) -> FastAPI:
         path = run_folder(name)
         if path is None:
             return not_found("run")
-        from tunelab.stages.compare import CURVES
+        from tunelab.tracking.compare import CURVES
 
         return page("run.html", run=run_page(root, path), curves=CURVES, poll_ms=POLL_MS)
 
@@ -99,7 +99,7 @@ def create_app(runs_dir: str | Path) -> FastAPI:
     @app.get("/compare", response_class=HTMLResponse)
     def compare(run: list[str] = Query(default=[])) -> HTMLResponse:
         """The compare view of the selected run (or eval) folders, built fresh, written nowhere."""
-        from tunelab.stages.compare import build, render_html
+        from tunelab.tracking.compare import build, render_html
 
         paths = [resolve(root, name) for name in run]
         if len(paths) < 2 or None in paths:

@@ -14,7 +14,7 @@ from typing import Any
 
 from tunelab.errors import TunelabError
 from tunelab.evals.intervals import add_run_intervals
-from tunelab.stages.compare import read_config
+from tunelab.tracking.compare import read_config
 from tunelab.tracking.metrics import read_jsonl
 from tunelab.tracking.stat_tables import before_after_rows, scores
 from tunelab.tracking.status import read_json_object, read_status

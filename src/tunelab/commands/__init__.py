@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from tunelab.commands.base import Command
-from tunelab.commands.evaluation import Eval
+from tunelab.commands.evaluation import Board, Compare, Eval
 from tunelab.commands.inference import BenchInfer, Chat, Generate, Serve
 from tunelab.commands.review import Review
 from tunelab.commands.training import Dpo, Kfold, Merge, Quickstart, Reward, Rl, Train
 
 COMMANDS: tuple[Command, ...] = (
-    Train(), Quickstart(), Eval(), Kfold(), Reward(), Dpo(), Rl(), Merge(),
+    Train(), Quickstart(), Eval(), Compare(), Board(), Kfold(), Reward(), Dpo(), Rl(), Merge(),
     Generate(), Chat(), Serve(), BenchInfer(), Review(),
 )

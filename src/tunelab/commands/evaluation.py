@@ -50,3 +50,38 @@ class Eval(Command):
         print(f"\nresults: {result.run_dir}")
         if "manual" in result.summary:
             print(f"prompts for human review: {result.summary['manual']}  (tunelab review add-task --import FILE)")
+
+
+class Compare(Command):
+    name = "compare"
+    help = "compare run and/or eval folders: config diff, curves, results with 95% intervals, paired tests"
+
+    def arguments(self, parser) -> None:
+        parser.add_argument("folders", nargs="+", help="run or eval folders; the first is the reference")
+        parser.add_argument("--output", help="folder for compare.html + compare.json (default compare/<time>/)")
+
+    def run(self, args) -> None:
+        import time
+
+        from tunelab.stages import compare
+        from tunelab.tracking.compare import format_pairs
+
+        result = compare.run(args.folders, args.output or f"compare/{time.strftime('%Y%m%d-%H%M%S')}")
+        print(format_pairs(result.summary))
+        print(f"\ncompare: {result.run_dir / 'compare.html'}")
+
+
+class Board(Command):
+    name = "board"
+    help = "local read-only dashboard of run folders: live curves, samples, reports, compare"
+    interrupted = "board stopped"
+
+    def arguments(self, parser) -> None:
+        parser.add_argument("--runs", default="runs", help="folder holding the run folders (default runs)")
+        parser.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1: this machine only)")
+        parser.add_argument("--port", type=int, default=8765)
+
+    def run(self, args) -> None:
+        from tunelab.board.app import serve
+
+        serve(args.runs, args.host, args.port)

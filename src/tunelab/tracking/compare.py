@@ -1,5 +1,5 @@
-"""`tunelab compare A B [C …]`: run folders and/or eval folders side by side, in one self-contained
-compare.html (inline CSS, curves as base64 PNGs) and compare.json.
+"""Run folders and/or eval folders side by side, in one self-contained compare.html (inline CSS,
+curves as base64 PNGs) and compare.json: `tunelab compare` and the board's compare view.
 
 read each folder (a run: config.yaml, summary.json, metrics.jsonl, samples.jsonl,
 data_stats.json; an eval: results.json, predictions.jsonl) → the config keys that differ → data
@@ -267,7 +267,7 @@ def format_pairs(result: dict) -> str:
     return _text_table(rows, labels=2)
 
 
-def run(paths: list[str | os.PathLike], output: str | os.PathLike) -> dict:
+def write(paths: list[str | os.PathLike], output: str | os.PathLike) -> dict:
     """Write output/compare.html and output/compare.json; returns compare.json's content plus
     `output` (the folder)."""
     result, figures = build(paths)
