@@ -21,6 +21,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Awaitable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Literal, TypeVar
 
@@ -37,6 +38,10 @@ T = TypeVar("T")
 MIN_BODY_BYTES = 256 * 2**10
 BODY_BYTES_PER_TOKEN = 16  # JSON of a prompt that fills the context: ~4-5 a token in English, \uXXXX escapes ~12
 UNKNOWN_CONTEXT_BODY_BYTES = 8 * 2**20
+# Prompts tokenized at once, off the event loop: two, so one long prompt does not hold the others
+# up, and no more, so the tokenizer does not crowd the loop and the engine's thread off the CPU and
+# the GIL (six at once on 2 cores: /health at ~0.5 s; one or two: ~0.1-0.2 s)
+TOKENIZER_THREADS = 2
 
 
 def default_body_limit(max_context: int | None) -> int:
@@ -236,6 +241,7 @@ def create_app(engine: Engine, model_name: str, *, adapters: list[str] = (), api
     names = [model_name, *adapters]
     created = int(time.time())
     gate = AdapterGate(lambda name: select_adapter(engine.model, None if name == model_name else name), model_name)
+    tokenizing = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="tunelab-tokenize")
     if max_context is None:
         max_context = getattr(engine.model.config, "max_position_embeddings", None)
     # added before _auth, so inside it: a wrong key is refused before its body is read
@@ -264,6 +270,9 @@ def create_app(engine: Engine, model_name: str, *, adapters: list[str] = (), api
             return ApiError(401, "missing or incorrect API key: send `Authorization: Bearer <key>`",
                             code="invalid_api_key").response()
         return await call_next(request)
+
+    async def tokenized(fn, *args) -> list[int] | dict:
+        return await asyncio.get_running_loop().run_in_executor(tokenizing, fn, *args)
 
     def checked(req: _Sampling, ids: list[int]) -> SamplingParams:
         if req.model not in names:
@@ -314,10 +323,12 @@ def create_app(engine: Engine, model_name: str, *, adapters: list[str] = (), api
             text, reason = None, "length"
             async for _piece, text, reason in tokens():
                 pass
-            return await final(rid, text, reason)
+            return text, reason
 
-        body = await unless_disconnected(request, answer())
-        return Response(status_code=499) if body is None else body  # 499: nginx's "client closed request"
+        done = await unless_disconnected(request, answer())
+        if done is None:
+            return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+        return await final(rid, *done)  # not cancelled: logprob scoring holds the model in a thread
 
     def usage(ids, text) -> dict:
         return {"prompt_tokens": len(ids), "completion_tokens": len(text.token_ids),
@@ -325,7 +336,7 @@ def create_app(engine: Engine, model_name: str, *, adapters: list[str] = (), api
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
-        ids = await asyncio.to_thread(prompt_ids, engine.tokenizer, [m.model_dump() for m in req.messages])
+        ids = await tokenized(prompt_ids, engine.tokenizer, [m.model_dump() for m in req.messages])
         if req.max_completion_tokens and not req.max_tokens:
             req.max_tokens = req.max_completion_tokens
         params = checked(req, ids)
@@ -344,7 +355,7 @@ def create_app(engine: Engine, model_name: str, *, adapters: list[str] = (), api
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         prompt = req.prompt[0] if isinstance(req.prompt, list) else req.prompt
-        ids = (await asyncio.to_thread(engine.tokenizer, prompt))["input_ids"]
+        ids = (await tokenized(engine.tokenizer, prompt))["input_ids"]
         if not ids:
             raise ApiError(400, "prompt is empty", param="prompt", code="invalid_value")
         params = checked(req, ids)
