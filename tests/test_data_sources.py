@@ -227,13 +227,13 @@ def test_custom_messages_column_with_num_proc(tmp_path, load):
         str(path), get_format("custom", {"messages": "conv"}), num_proc=2, cache_dir=str(tmp_path / "c")
     )
     assert examples["train"][7]["messages"] == [
-        {"role": "user", "content": "Hi 7"},
-        {"role": "assistant", "content": "Hello 7"},
+        {"role": "user", "content": "Hi 7", "tool_calls": None},
+        {"role": "assistant", "content": "Hello 7", "tool_calls": None},
     ]
 
 
 def test_empty_split_is_an_error(tmp_path, load):
-    path = write_jsonl(tmp_path / "d.jsonl", [{"dialogue": "A"}])
+    path = write_jsonl(tmp_path / "d.jsonl", [{"dialogue": "A", "summary": " "}])
     with pytest.raises(TunelabError, match="split 'train' has no usable rows"):
         load(path, "samsum", bad_rows="skip")
 

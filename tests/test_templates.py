@@ -36,7 +36,7 @@ def test_multi_turn_masks_every_assistant_turn(tokenizer):
 
 
 def test_completion_only_false_learns_everything(tokenizer):
-    out = tokenize_example(tokenizer, MESSAGES, completion_only=False)
+    out = tokenize_example(tokenizer, MESSAGES, train_on="all")
     assert out["labels"] == out["input_ids"]
 
 

@@ -8,12 +8,14 @@ This module imports no torch/transformers so `--help` and validation stay fast.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tunelab.data.templates import CHAT_TEMPLATES
 from tunelab.errors import TunelabError, did_you_mean
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,17 @@ class ModelConfig(_Section):
     """Attention kernel; both keep packed samples isolated."""
     trust_remote_code: bool = False
     """Allow model code from the Hub (off by default: it runs arbitrary code)."""
+    chat_template: str | None = None
+    """Render chats with chatml, llama-2, llama-3 or a PATH.jinja template instead of the model's own
+    (or for a base model that has none); saved with the tokenizer, so evaluation, export and serving
+    render as training did. null = the model's own."""
+
+    @field_validator("chat_template")
+    @classmethod
+    def _known_template(cls, value: str | None) -> str | None:
+        if value is not None and value not in CHAT_TEMPLATES and not value.endswith(".jinja"):
+            raise ValueError(f"got {value!r}; use one of {', '.join(CHAT_TEMPLATES)} or a .jinja file")
+        return value
 
 
 class QuantizationConfig(_Section):
@@ -86,16 +99,50 @@ def renamed_format(data: Any, where: str) -> Any:
     return data
 
 
+Split = Literal["train", "validation", "test"]
+
+
+class SourceConfig(_Section):
+    """One part of a mixture (`data.sources`); format, fields and subset default to data.*'s."""
+
+    source: str
+    """Hub dataset id, a local file, or a folder with train/validation/test files."""
+    format: str | None = None
+    """Its data format (default data.format)."""
+    fields: dict[str, str] | None = None
+    """Its column mapping (default data.fields, when format is not given here either)."""
+    subset: str | None = None
+    """Hub dataset config name."""
+    splits: dict[Split, list[str]] | None = None
+    """Its files per split, relative to the source folder (see data.splits)."""
+    weight: float = Field(1.0, gt=0)
+    """Share of the training tokens, relative to the other sources' weights."""
+    max_samples: int | None = Field(None, ge=1)
+    """Use at most this many of its training samples before mixing (default data.max_train_samples)."""
+    name: str | None = None
+    """Name in the stats and the per-source validation loss; default: from the source (file or folder name)."""
+
+
 class DataConfig(_Section):
     format: str = "custom"
-    """Data format: samsum, cnn_dailymail, openorca, guanaco, alpaca or custom; for reward/dpo/rl:
-    hh_rlhf, orca_dpo, preferences (the review export) or custom with {prompt, chosen, rejected} fields."""
+    """Data format: samsum, cnn_dailymail, openorca, guanaco, alpaca, sharegpt, messages or custom; for
+    reward/dpo/rl: hh_rlhf, orca_dpo, preferences (the review export) or custom with {prompt, chosen, rejected} fields."""
     source: str | None = None
     """Hub dataset id, a local file, or a folder with train/validation/test files."""
+    sources: list[SourceConfig] | None = Field(None, min_length=1)
+    """A mixture instead of one source: [{source, format, weight, fields, max_samples}, ...], mixed by `mix`."""
+    mix: Literal["subsample", "repeat"] = "subsample"
+    """How `sources` are mixed to their weights' shares of the training tokens, drawn once per run (seeded):
+    `subsample` uses the scarcest source (relative to its weight) whole and draws the others without
+    replacement; `repeat` uses the most abundant one whole and repeats the others."""
     subset: str | None = None
     """Hub dataset config name (e.g. `3.0.0` for cnn_dailymail)."""
     fields: dict[str, str] | None = None
-    """For `custom`: {prompt: col, completion: col, system: col} or {messages: col}."""
+    """For `custom`: {prompt: col, completion: col, system: col} or {messages: col}; for `sharegpt` and
+    `messages`: other key names, e.g. {conversations: turns, from: role, value: text, tools: functions}."""
+    splits: dict[Split, list[str]] | None = None
+    """Files per split, relative to the data.source folder, e.g. {train: [a.jsonl, b.jsonl]}: for a folder
+    whose file names do not say the split, or several files of one split that are not numbered shards."""
     bad_rows: Literal["error", "skip"] = "error"
     """Malformed rows: `error` stops naming file/line/field; `skip` drops and counts them."""
     max_length: int = Field(1024, ge=16)
@@ -104,8 +151,10 @@ class DataConfig(_Section):
     """Samples longer than max_length: `drop`, or `truncate` their prompt (the completion stays whole); counted either way."""
     batching: Literal["packing", "padding"] = "packing"
     """`packing`: samples share rows, never split, never attend to each other. `padding`: right-padded, length-grouped."""
-    completion_only_loss: bool = True
-    """Loss only on assistant turns (the completion); false = also on the prompt."""
+    train_on: Literal["assistant", "last_assistant", "completion", "all"] = "assistant"
+    """Which tokens carry the loss: every `assistant` turn, the `last_assistant` turn only, the
+    `completion` (the assistant turns after the last user turn: tool calls and the answer, not the
+    tool results), or `all` tokens (the prompt too)."""
     validation_fraction: float = Field(0.1, gt=0, lt=1)
     """Held-out share of the training data when the source has no validation split."""
     test_fraction: float = Field(0.0, ge=0, lt=1)
@@ -124,7 +173,59 @@ class DataConfig(_Section):
     @model_validator(mode="before")
     @classmethod
     def _old_names(cls, data: Any) -> Any:
-        return renamed_format(data, "data")
+        data = renamed_format(data, "data")
+        if isinstance(data, dict) and "completion_only_loss" in data:  # the old switch (run folders keep it)
+            data = dict(data)
+            only = data.pop("completion_only_loss")
+            if only is False and "train_on" not in data:
+                log.warning("data.completion_only_loss=false is now data.train_on=all (the old key still works)")
+                data["train_on"] = "all"
+        return data
+
+    @property
+    def completion_only_loss(self) -> bool:
+        return self.train_on != "all"
+
+    @property
+    def mixture(self) -> list[SourceConfig]:
+        """The sources to read, each with its format, fields, subset and name filled in: `data.sources`,
+        or `data.source` as a mixture of one."""
+        if not self.sources:
+            return [SourceConfig(source=self.source or "", format=self.format, fields=self.fields, subset=self.subset,
+                                 splits=self.splits, max_samples=self.max_train_samples, name=source_name(self.source or ""))]
+        return [SourceConfig(
+            source=s.source, format=s.format or self.format, fields=s.fields if s.format else (s.fields or self.fields),
+            subset=s.subset or self.subset, splits=s.splits, weight=s.weight, max_samples=s.max_samples or self.max_train_samples,
+            name=s.name or source_name(s.source),
+        ) for s in self.sources]
+
+
+def source_name(source: str) -> str:
+    """A short name for a source: its file or folder name (`../data/samsum` → samsum, `org/set` → set)."""
+    path = Path(source.rstrip("/"))
+    stem = path.stem if path.suffix.lower() in (".jsonl", ".json", ".csv", ".parquet") else path.name
+    return re.sub(r"[^A-Za-z0-9_]+", "_", stem).strip("_").lower() or "data"
+
+
+def _data_problems(d: DataConfig) -> list[str]:
+    """The data section's cross-field checks (one source or a mixture)."""
+    if d.source is None and not d.sources:
+        return ["data.source: required (a Hub dataset id, a file or a folder), or data.sources for a mixture"]
+    if d.source is not None and d.sources:
+        return ["data.sources: give either data.source or data.sources (a mixture), not both"]
+    where = ["data"] if not d.sources else [f"data.sources[{i}]" for i in range(len(d.sources))]
+    problems = []
+    for at, s in zip(where, d.mixture):
+        if s.format == "custom" and not s.fields:
+            problems.append(f"{'data' if at == 'data' else at}.fields: required for format custom, "
+                            "e.g. {prompt: question, completion: answer}")
+    names = [s.name for s in d.mixture]
+    if len(set(names)) < len(names):
+        problems.append(f"data.sources: two sources are both named {next(n for n in names if names.count(n) > 1)!r}; "
+                        "give each a name: {source: ..., name: ...}")
+    if d.sources and d.splits:
+        problems.append("data.splits: with data.sources, give each source its own splits")
+    return problems
 
 
 class EarlyStoppingConfig(_Section):
@@ -458,10 +559,7 @@ class Config(_Section):
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
         problems = []
-        if self.data.source is None:
-            problems.append("data.source: required (a Hub dataset id, a file or a folder)")
-        if self.data.format == "custom" and not self.data.fields:
-            problems.append("data.fields: required for data.format=custom, e.g. {prompt: question, completion: answer}")
+        problems += _data_problems(self.data)
         if self.quantization.bits and self.peft.method == "full":
             problems.append(
                 "quantization.bits: a quantized base cannot be fully fine-tuned; use peft.method=lora (QLoRA) "

@@ -56,7 +56,7 @@ def load_pairs(cfg: Config, sharded: bool = False) -> Loaded:
     from tunelab.models.build import load_tokenizer
     from tunelab.models.loading import resolve
 
-    tokenizer = load_tokenizer(resolve(cfg.model.name))
+    tokenizer = load_tokenizer(resolve(cfg.model.name), cfg.model.chat_template)
     return Loaded(tokenizer, load_preferences(cfg, tokenizer))
 
 

@@ -9,17 +9,20 @@ method, which `datasets.Dataset.map` can fingerprint (cache) and ship to worker 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import re
 from dataclasses import dataclass
 
 from tunelab.errors import TunelabError
 
 ROLES = ("system", "user", "assistant")
+TOOL_ROLES = (*ROLES, "tool")
 SAMSUM_TEMPLATE = "Summarize this dialogue:\n\n{}"
 CNN_DAILYMAIL_TEMPLATE = "Summarize this news article in a few sentences:\n\n{}"
 GUANACO_TURN = re.compile(r"### (Human|Assistant):")
 SPEAKER_ROLES = {"Human": "user", "Assistant": "assistant"}
-_TYPE_NAMES = {str: "string", list: "list"}
+_TYPE_NAMES = {str: "string", list: "list", (list, str): "list or a JSON string"}
 
 
 class Format:
@@ -163,12 +166,66 @@ def message_problems(column: str, messages: list, last_role: str) -> list[str]:
     return []
 
 
-@dataclass(frozen=True)
-class Messages(Format):
-    """A column that already holds the conversation as a list of {role, content} dicts."""
+def tool_calls_json(calls: object, where: str) -> str:
+    """OpenAI tool calls ([{type, function: {name, arguments}}], or [{name, arguments}]; arguments a
+    dict or a JSON string; one call may come alone) → the JSON string of [{name, arguments: dict}]
+    that examples store (Arrow needs one type per column; templates get dicts, see templates._message)."""
+    calls = calls if isinstance(calls, list) else [calls]
+    out = []
+    for k, call in enumerate(calls, start=1):
+        call = call.get("function", call) if isinstance(call, dict) else call
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str) or not call["name"]:
+            raise ValueError(f"{where} tool call {k} has no function name")
+        arguments = call.get("arguments", call.get("parameters", {}))
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except ValueError:
+                raise ValueError(f"{where} tool call {k} ({call['name']}): arguments are not valid JSON") from None
+        if not isinstance(arguments, dict):
+            raise ValueError(f"{where} tool call {k} ({call['name']}): arguments should be an object")
+        out.append({"name": call["name"], "arguments": arguments})
+    return json.dumps(out, ensure_ascii=False)
 
-    name: str
-    column: str
+
+def tools_json(tools: object, column: str) -> str | None:
+    """A row's tool definitions (a list of JSON schemas, or that list as a JSON string) as a JSON string."""
+    if tools is None or tools == "" or tools == []:
+        return None
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except ValueError:
+            raise ValueError(f"field '{column}' is not valid JSON") from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise ValueError(f"field '{column}' should be a list of tool definitions (JSON schema objects)")
+    return json.dumps(tools, ensure_ascii=False)
+
+
+def conversation_problems(column: str, messages: list[dict]) -> list[str]:
+    """The first problem of a converted conversation with tool turns: it must end on an assistant
+    turn, and a tool result must answer an assistant's tool call."""
+    field = f"field '{column}'"
+    for i, m in enumerate(messages):
+        if m["role"] == "tool" and (i == 0 or not (messages[i - 1]["tool_calls"] or messages[i - 1]["role"] == "tool")):
+            return [f"{field} turn {i + 1} is a tool result that follows no tool call"]
+        if m["role"] != "assistant" and not m["content"].strip():
+            return [f"{field} turn {i + 1} has empty content"]
+        if m["role"] == "assistant" and not (m["content"].strip() or m["tool_calls"]):
+            return [f"{field} turn {i + 1} is an empty assistant turn (no content, no tool call)"]
+    if messages[-1]["role"] != "assistant":
+        return [f"{field} does not end with an assistant message"]
+    return []
+
+
+@dataclass(frozen=True)
+class Conversation(Format):
+    """A column that holds a whole conversation, with tool calls and results; `tools`: an optional
+    column with the tool definitions. Subclasses read one turn (`turn`)."""
+
+    columns = ("messages", "tools")
+    """Each message is {role, content, tool_calls} (tool_calls: None or a JSON string), the same keys in
+    every row, so Arrow keeps one schema; `tools` is None or a JSON string."""
 
     @property
     def required(self) -> dict[str, type]:
@@ -176,13 +233,98 @@ class Messages(Format):
 
     @property
     def optional(self) -> dict[str, type]:
-        return {}
+        return {self.tools: (list, str)} if self.tools else {}
+
+    def turn(self, item: object, where: str) -> dict:
+        raise NotImplementedError
+
+    def messages(self, row: dict) -> list[dict]:
+        """The row's turns as messages; ValueError names the first bad turn."""
+        turns = row[self.column]
+        if not turns:
+            raise ValueError(f"field '{self.column}' is empty")
+        return [self.turn(item, f"field '{self.column}' item {i}") for i, item in enumerate(turns, start=1)]
 
     def content_problems(self, row: dict) -> list[str]:
-        return message_problems(self.column, row[self.column], last_role="assistant")
+        try:
+            messages = self.messages(row)
+            tools_json(row.get(self.tools), self.tools) if self.tools else None
+        except ValueError as e:
+            return [str(e)]
+        return conversation_problems(self.column, messages)
 
     def convert(self, row: dict) -> dict:
-        return {"messages": [{"role": m["role"], "content": m["content"]} for m in row[self.column]]}
+        return {"messages": self.messages(row), "tools": tools_json(row.get(self.tools), self.tools) if self.tools else None}
+
+
+@dataclass(frozen=True)
+class Messages(Conversation):
+    """OpenAI chat `messages`: {role, content} dicts, roles system/user/assistant/tool; an assistant
+    turn may carry `tool_calls` (content then may be null)."""
+
+    name: str = "messages"
+    column: str = "messages"
+    tools: str | None = "tools"
+
+    def turn(self, item: object, where: str) -> dict:
+        if not isinstance(item, dict):
+            raise ValueError(f"{where} should be a {{role, content}} object, got {type(item).__name__}")
+        role, content, calls = item.get("role"), item.get("content"), item.get("tool_calls")
+        if role not in TOOL_ROLES:
+            raise ValueError(f"{where} has role {role!r}; allowed: {', '.join(TOOL_ROLES)}")
+        if calls and role != "assistant":
+            raise ValueError(f"{where}: only assistant turns make tool calls (role {role!r})")
+        if content is None and calls:
+            content = ""
+        if not isinstance(content, str):
+            raise ValueError(f"{where} content should be a string, got {type(content).__name__}")
+        return {"role": role, "content": content, "tool_calls": tool_calls_json(calls, where) if calls else None}
+
+
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
+                  "tool": "tool", "observation": "tool", "function_call": "assistant"}
+
+
+@dataclass(frozen=True)
+class ShareGPT(Conversation):
+    """ShareGPT `conversations`: {from, value} turns with the roles human, gpt, system and tool
+    (`observation` as LLaMA-Factory writes it); a `function_call` turn is an assistant's tool call
+    whose value is the JSON call {name, arguments} (or a list of them). `system`: an optional column
+    with the system prompt."""
+
+    name: str = "sharegpt"
+    column: str = "conversations"
+    role: str = "from"
+    content: str = "value"
+    tools: str | None = "tools"
+    system: str | None = "system"
+
+    @property
+    def optional(self) -> dict[str, type]:
+        return {**super().optional, **({self.system: str} if self.system else {})}
+
+    def turn(self, item: object, where: str) -> dict:
+        if not isinstance(item, dict):
+            raise ValueError(f"{where} should be a {{{self.role}, {self.content}}} object, got {type(item).__name__}")
+        speaker, value = item.get(self.role), item.get(self.content)
+        if speaker not in SHAREGPT_ROLES:
+            raise ValueError(f"{where} has {self.role} {speaker!r}; allowed: {', '.join(SHAREGPT_ROLES)}")
+        if not isinstance(value, str):
+            raise ValueError(f"{where} {self.content} should be a string, got {type(value).__name__}")
+        if speaker == "function_call":
+            try:
+                call = json.loads(value)
+            except ValueError:
+                raise ValueError(f"{where} is a function_call whose {self.content} is not JSON") from None
+            return {"role": "assistant", "content": "", "tool_calls": tool_calls_json(call, where)}
+        return {"role": SHAREGPT_ROLES[speaker], "content": value.strip(), "tool_calls": None}
+
+    def messages(self, row: dict) -> list[dict]:
+        messages = super().messages(row)
+        system = (row.get(self.system) or "").strip() if self.system else ""
+        if system and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": system, "tool_calls": None}, *messages]
+        return messages
 
 
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
@@ -343,6 +485,8 @@ FORMATS: dict[str, Format] = {
         PromptCompletion("openorca", prompt="question", completion="response", system="system_prompt"),
         Guanaco(),
         Alpaca(),
+        ShareGPT(),
+        Messages(),
         HhRlhf(),
         PromptPreference("orca_dpo", prompt="question", system="system"),
         ReviewExport(),
@@ -354,8 +498,8 @@ FORMATS: dict[str, Format] = {
 def custom_format(fields: dict[str, str] | None) -> Format:
     """`{prompt, completion, system?}` or `{messages}` mapping the format's keys to the data's columns."""
     keys = set(fields or {})
-    if keys == {"messages"}:
-        return Messages("custom", column=fields["messages"])
+    if {"messages"} <= keys <= {"messages", "tools"}:
+        return Messages("custom", column=fields["messages"], tools=fields.get("tools"))
     if {"prompt", "completion"} <= keys <= {"prompt", "completion", "system"}:
         return PromptCompletion("custom", fields["prompt"], fields["completion"], system=fields.get("system"))
     if {"prompt", "chosen", "rejected"} <= keys <= {"prompt", "chosen", "rejected", "system"}:
@@ -363,17 +507,31 @@ def custom_format(fields: dict[str, str] | None) -> Format:
     raise TunelabError(
         f"data.fields: {fields!r} is not usable for the custom format; give either "
         "{prompt: <column>, completion: <column>} with an optional system: <column>, "
-        "or {messages: <column holding a list of {role, content}>}, "
+        "or {messages: <column holding a list of {role, content}>} with an optional tools: <column>, "
         "or for preference pairs {prompt: <column>, chosen: <column>, rejected: <column>} (optional system)"
     )
 
 
+RENAMABLE = {
+    "sharegpt": {"conversations": "column", "from": "role", "value": "content", "tools": "tools", "system": "system"},
+    "messages": {"messages": "column", "tools": "tools"},
+}
+"""The keys that data.fields may rename, per format: {key as the format names it: attribute}."""
+
+
 def get_format(name: str, fields: dict[str, str] | None = None) -> Format:
-    """The format called `name`; `fields` is the column mapping that only `custom` takes."""
+    """The format called `name`; `fields` is the column mapping of `custom`, or other key names for
+    `sharegpt` and `messages` (RENAMABLE)."""
     if name == "custom":
         return custom_format(fields)
     if name not in FORMATS:
         raise TunelabError(f"data.format: unknown format '{name}'; choose one of {', '.join([*FORMATS, 'custom'])}")
+    if fields and name in RENAMABLE:
+        unknown = set(fields) - set(RENAMABLE[name])
+        if unknown:
+            raise TunelabError(f"data.fields: {name} renames only {', '.join(RENAMABLE[name])}; not {', '.join(sorted(unknown))}")
+        return dataclasses.replace(FORMATS[name], **{RENAMABLE[name][key]: column for key, column in fields.items()})
     if fields:
-        raise TunelabError(f"data.fields: only used by data.format=custom, not by '{name}'; remove it")
+        raise TunelabError(f"data.fields: only used by data.format=custom, sharegpt and messages, not by '{name}'; "
+                           "remove it")
     return FORMATS[name]

@@ -50,11 +50,34 @@ def _allowed() -> str:
     return " ".join(BUILDERS)
 
 
-def find_splits(source: str) -> dict[str, list[Path]] | None:
-    """Data files by split for a local file or folder; None when `source` is no local path."""
+SHARD = re.compile(r"[-_.]?\d+([-_]of[-_]\d+)?")
+"""What may follow the split word in the name of one of several files of a split: a shard number
+(`train-00000-of-00002.parquet`, `train_1.jsonl`). Other pairs (`train.jsonl`, `train_copy.jsonl`)
+are refused: most often the second is a copy, and its rows would be trained on twice."""
+
+
+def listed_splits(folder: Path, splits: dict[str, list[str]]) -> dict[str, list[Path]]:
+    """data.splits: the files the user named for each split (relative to the source folder)."""
+    found = {}
+    for split, names in splits.items():
+        files = [(folder / name).expanduser().resolve() for name in names]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise TunelabError(f"data.splits.{split}: no such file: {', '.join(missing)}")
+        found[split] = files
+    return found
+
+
+def find_splits(source: str, splits: dict[str, list[str]] | None = None) -> dict[str, list[Path]] | None:
+    """Data files by split for a local file or folder (or as data.splits lists them); None when
+    `source` is no local path."""
     path = Path(source).expanduser()
     if not path.exists():
         return None
+    if splits:
+        if not path.is_dir():
+            raise TunelabError(f"data.splits: names files in the data.source folder, but {path} is not a folder")
+        return listed_splits(path, splits)
     if path.is_file():
         if path.suffix.lower() not in BUILDERS:
             raise TunelabError(f"data.source: {path} is not a data file; use one of {_allowed()}")
@@ -71,8 +94,17 @@ def find_splits(source: str) -> dict[str, list[Path]] | None:
             f"data.source: folder {path}: cannot tell the split of {', '.join(unknown)}; "
             f"start each file name with train, validation (val, valid, dev) or test"
         )
-    splits = {split: [f for f in files if split_of[f] == split] for split in ("train", "validation", "test")}
-    return {split: found for split, found in splits.items() if found}
+    found = {split: [f for f in files if split_of[f] == split] for split in ("train", "validation", "test")}
+    for split, claim in found.items():
+        words = [re.match(r"[a-z]*", f.name.lower()).group() for f in claim]
+        if len(claim) > 1 and not all(SHARD.fullmatch(f.stem.lower()[len(w):]) for f, w in zip(claim, words)):
+            names = ", ".join(f.name for f in claim)
+            raise TunelabError(
+                f"data.source: folder {path}: {len(claim)} files claim the {split} split ({names}), and they are not "
+                f"numbered shards; remove the extra one (a copy is trained on twice), or list the files to use "
+                f"together: data.splits={{{split}: [{names}]}}"
+            )
+    return {split: files for split, files in found.items() if files}
 
 
 def iter_rows(path: str | Path) -> Iterator[tuple[int, dict | None, str | None]]:
@@ -200,8 +232,23 @@ def _local_rows(files: list[Path]) -> Iterator[tuple[str, dict | None, str | Non
             yield f"{path}:{number}", row, error
 
 
-def _report(source: str, scans: dict[str, _Scan], found: _Problems, bad_rows: str) -> None:
-    """Stop on bad rows (`error`) or warn how many will be dropped (`skip`); stop on empty splits."""
+def _wrong_columns(source: str, scans: dict[str, _Scan], data_format: Format) -> None:
+    """Stop when no row of a split has the fields the format reads: the columns are wrong, not the
+    rows, so name the columns there are (data.bad_rows=skip would drop every row)."""
+    for split, scan in scans.items():
+        missing = [f for f in data_format.required if f not in scan.columns]
+        if scan.columns and scan.total == len(scan.bad) and missing:
+            raise TunelabError(
+                f"data.source {source}: split '{split}' has the columns {', '.join(scan.columns)}; format "
+                f"'{data_format.name}' reads {', '.join(data_format.required)} (no {', '.join(missing)}). Set data.format "
+                "to this data's format, or data.format=custom with data.fields naming its columns"
+            )
+
+
+def _report(source: str, scans: dict[str, _Scan], found: _Problems, bad_rows: str, data_format: Format) -> None:
+    """Stop on wrong columns; stop on bad rows (`error`) or warn how many will be dropped (`skip`);
+    stop on empty splits."""
+    _wrong_columns(source, scans, data_format)
     total = sum(s.total for s in scans.values())
     if found.rows and bad_rows == "error":
         listed = "\n  ".join(found.listed + ([f"… and {found.more} more problems"] if found.more else []))
@@ -294,25 +341,29 @@ def load_examples(
     *,
     bad_rows: str = "error",
     subset: str | None = None,
+    splits: dict[str, list[str]] | None = None,
     num_proc: int | None = None,
     cache_dir: str | None = None,
 ) -> tuple[datasets.DatasetDict, dict]:
     """Validated examples (the format's `columns`: `messages`, or prompt/chosen/rejected) per split, and stats:
     `{"rows": {split: kept}, "bad_rows": dropped, "files": {split: [paths]}}`.
 
-    `source` is a local file or folder (see `find_splits`) or else a Hub dataset id (`subset` is
-    its config). `bad_rows`: `error` raises one TunelabError listing the first problems as
-    `file:line: field …`; `skip` drops the bad rows and logs how many. `cache_dir` defaults to
-    datasets' own cache.
+    `source` is a local file or folder (see `find_splits`; `splits` lists a folder's files per split)
+    or else a Hub dataset id (`subset` is its config). `bad_rows`: `error` raises one TunelabError
+    listing the first problems as `file:line: field …`; `skip` drops the bad rows and logs how many.
+    `cache_dir` defaults to datasets' own cache.
     """
     if bad_rows not in ("error", "skip"):
         raise TunelabError(f"data.bad_rows: '{bad_rows}' is not one of error, skip")
     found = _Problems()
     source = synthetic.local_source(source)
-    splits = find_splits(source)
+    listed = splits
+    splits = find_splits(source, listed)
+    if listed and splits is None:
+        raise TunelabError(f"data.splits: data.source {source} is not a local folder")
     if splits is not None:
         scans = {split: _scan(_local_rows(files), data_format, found) for split, files in splits.items()}
-        _report(source, scans, found, bad_rows)
+        _report(source, scans, found, bad_rows, data_format)
         raws = {split: _read_split(split, files, scans[split], data_format, cache_dir) for split, files in splits.items()}
         files = {split: [str(f) for f in paths] for split, paths in splits.items()}
     else:
@@ -326,7 +377,7 @@ def load_examples(
                 f"dataset ({type(e).__name__}: {e})"
             ) from e
         scans = {split: _scan(_hub_rows(source, split, ds), data_format, found) for split, ds in hub.items()}
-        _report(source, scans, found, bad_rows)
+        _report(source, scans, found, bad_rows, data_format)
         raws = {split: _without(ds, scans[split].bad) for split, ds in hub.items()}
         files = {split: [f"{source}[{split}]"] for split in hub}
     examples = datasets.DatasetDict(

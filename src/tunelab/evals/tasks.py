@@ -147,9 +147,7 @@ def run_rows(run_dir: Path, limit: int | None) -> Rows:
     """A run's held-out examples: its test.jsonl if it has one, else the validation rows it was
     evaluated on during training (same source, split and seed)."""
     from tunelab.config import load_config
-    from tunelab.data.formats import get_format
-    from tunelab.data.prepare import split
-    from tunelab.data.sources import load_examples
+    from tunelab.data.prepare import validation_examples
 
     cfg = load_config(str(run_dir / "config.yaml"), [])
     completion_only = cfg.data.completion_only_loss
@@ -157,11 +155,10 @@ def run_rows(run_dir: Path, limit: int | None) -> Rows:
     if test.is_file():
         rows = load_rows(str(test), "custom", {"messages": "messages"}, "test", limit)
         return Rows(rows.examples, f"{test} (the run's test split)", completion_only)
-    examples, _stats = load_examples(cfg.data.source, get_format(cfg.data.format, cfg.data.fields),
-                                     subset=cfg.data.subset, bad_rows=cfg.data.bad_rows)
-    _train, validation, _test = split(examples, cfg.data, cfg.run.seed)
+    validation = validation_examples(cfg.data, cfg.run.seed)
     validation = validation.select(range(min(limit, len(validation)))) if limit else validation
-    return Rows(list(validation["messages"]), f"{cfg.data.source} (the run's validation rows)", completion_only)
+    source = cfg.data.source or " + ".join(s.name for s in cfg.data.mixture)
+    return Rows(list(validation["messages"]), f"{source} (the run's validation rows)", completion_only)
 
 
 class TaskSpec(BaseModel):

@@ -56,9 +56,10 @@ def precision(train: str = "auto", model_dtype: str = "auto") -> Precision:
     return Precision(dtype, autocast)
 
 
-def load_tokenizer(source: ModelSource):
+def load_tokenizer(source: ModelSource, chat_template: str | None = None):
     """Tokenizer with a dedicated pad token (never EOS: padding would then mask real EOS labels
-    and the model would never learn to stop), right padding, and a chat template."""
+    and the model would never learn to stop), right padding, and a chat template: `chat_template`
+    (model.chat_template) if given, else the saved or the model's own, else a plain default."""
     from transformers import AutoTokenizer
 
     path = source.adapter if source.adapter and (source.adapter / "tokenizer_config.json").is_file() else source.path
@@ -66,12 +67,33 @@ def load_tokenizer(source: ModelSource):
         tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError as err:
         raise TunelabError(f"model.name: cannot load a tokenizer from {path}: {err}") from None
+    if chat_template is not None:
+        override_template(tokenizer, chat_template, path)
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
     tokenizer.padding_side = "right"
     if not tokenizer.chat_template:
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
     return tokenizer
+
+
+def override_template(tokenizer, name: str, path) -> None:
+    """model.chat_template replaces the tokenizer's template. A run folder's tokenizer holds the
+    template its training used, so replacing that one by another is said out loud."""
+    from tunelab.data.templates import use_chat_template
+
+    saved = tokenizer.chat_template
+    try:
+        added = use_chat_template(tokenizer, name)
+    except FileNotFoundError as err:
+        raise TunelabError(str(err)) from None
+    if saved and saved != tokenizer.chat_template and (Path(path).parent / "config.yaml").is_file():
+        log.warning("%s was trained with another chat template than model.chat_template=%s: prompts now render "
+                    "differently from training (leave model.chat_template unset to use the saved one)", path, name)
+    if added:
+        log.warning("model.chat_template=%s: added %s to the vocabulary; their embeddings start untrained (LoRA "
+                    "leaves embeddings frozen: prefer a template whose markers the model already knows)",
+                    name, ", ".join(added))
 
 
 def quantization_config(q: QuantizationConfig, compute_dtype: torch.dtype, sharded: bool = False):
@@ -198,7 +220,7 @@ def load_for_training(cfg: Config, *, sharded: bool = False):
     """(model, tokenizer) for SFT: the base (a LoRA run as model.name merged in), the fast path,
     then a new adapter from peft.* (none for full fine-tuning)."""
     source = resolve(cfg.model.name)
-    tokenizer = load_tokenizer(source)
+    tokenizer = load_tokenizer(source, cfg.model.chat_template)
     model = build_model(source, tokenizer, **model_options(cfg, sharded=sharded))
     kernels.apply(model, cfg.train.kernels, sharded=sharded)
     model = apply_peft(model, cfg.peft, bool(cfg.quantization.bits), cfg.train.gradient_checkpointing)
