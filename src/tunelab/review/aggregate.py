@@ -1,5 +1,5 @@
 """The finished reviews, read once from the database into plain structures for the report and
-the export; consensus rankings and weighted rubric scores."""
+the export; consensus rankings, weighted rubric scores and thumbs."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 from scipy.stats import rankdata
 from sqlalchemy import select
 
-from tunelab.review.store import Assignment, Criterion, Item, Output, Ranking, Reviewer, Score, Store
+from tunelab.review.store import Assignment, Criterion, Item, Output, Ranking, Rating, Reviewer, Score, Store
 
 
 @dataclass
@@ -35,11 +35,20 @@ class Reviews:
     by: dict[int, int]  # finished assignment id -> reviewer id
     ranks: dict[int, dict[int, int]]  # assignment id -> {output id: rank}
     scores: dict[int, dict[tuple[int, int], int]]  # assignment id -> {(output id, criterion id): score}
+    ratings: dict[int, dict[int, bool]] = field(default_factory=dict)  # assignment id -> {output id: thumbs up}
 
     def rank_matrix(self, item: ItemView) -> tuple[list[int], list[list[int]]]:
         """(reviewer ids, one row of ranks per reviewer in item.outputs order) for a rank item."""
         rows = [a for a in item.done if a in self.ranks]
         return [self.by[a] for a in rows], [[self.ranks[a][o] for o, _, _ in item.outputs] for a in rows]
+
+    def thumbs(self, item: ItemView) -> dict[int, list[bool]]:
+        """Rate item: output id -> its thumbs (True = up), one per finished review."""
+        votes: dict[int, list[bool]] = defaultdict(list)
+        for a in item.done:
+            for o, up in self.ratings.get(a, {}).items():
+                votes[o].append(up)
+        return dict(votes)
 
     def weighted(self, means: dict[int, float]) -> float | None:
         """0-100: each criterion's mean mapped from its scale to 0..1, weighted by the rubric."""
@@ -87,4 +96,7 @@ def load(store: Store) -> Reviews:
         scores: dict[int, dict] = defaultdict(dict)
         for sc in s.scalars(select(Score)):
             scores[sc.assignment_id][(sc.output_id, sc.criterion_id)] = sc.score
-    return Reviews(criteria, items, names, by, dict(ranks), dict(scores))
+        ratings: dict[int, dict[int, bool]] = defaultdict(dict)
+        for r in s.scalars(select(Rating)):
+            ratings[r.assignment_id][r.output_id] = r.up
+    return Reviews(criteria, items, names, by, dict(ranks), dict(scores), dict(ratings))

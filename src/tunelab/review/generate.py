@@ -39,9 +39,8 @@ def generate_outputs(model_name: str, chats: list[list[dict]], k: int, *, max_ne
     return [texts[i * k : (i + 1) * k] for i in range(len(chats))]
 
 
-def add_generated(store: Store, prompts_file: Path, models: list[str], k: int, kinds: list[str],
-                  per_item: int | None = None, **sampling) -> tuple[int, int]:
-    """Items from a prompts file: each prompt with k outputs from each model."""
+def generated_rows(prompts_file: Path, models: list[str], k: int, **sampling) -> list[tuple]:
+    """(id, prompt messages, reference, outputs) rows: each prompt of the file with k outputs from each model."""
     if not models:
         raise TunelabError("add-task: name at least one --model (a run folder, model folder, Hub id or `embedded`)")
     if not 1 <= k * len(models) <= MAX_OUTPUTS:
@@ -52,8 +51,13 @@ def add_generated(store: Store, prompts_file: Path, models: list[str], k: int, k
     for name in models:
         for per_prompt, texts in zip(outputs, generate_outputs(name, chats, k, **sampling)):
             per_prompt += [{"model": name, "text": t} for t in texts]
-    items = [
+    return [
         (row.id or f"{prompts_file.stem}-{lineno}", chat, row.reference, outs)
         for (lineno, row), chat, outs in zip(rows, chats, outputs)
     ]
-    return project.add_items(store, items, kinds, per_item)
+
+
+def add_generated(store: Store, prompts_file: Path, models: list[str], k: int, kinds: list[str],
+                  per_item: int | None = None, **sampling) -> tuple[int, int]:
+    """Items from a prompts file: each prompt with k outputs from each model."""
+    return project.add_items(store, generated_rows(prompts_file, models, k, **sampling), kinds, per_item)

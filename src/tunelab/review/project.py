@@ -20,7 +20,7 @@ from tunelab.review.store import (
     MAX_NAME, MAX_OUTPUTS, MAX_TEXT, Criterion, Item, Output, Reviewer, Setting, Store, hash_token,
 )
 
-KINDS = ("rank", "rubric")
+KINDS = ("rank", "rubric", "rate")
 
 Text = Field(max_length=MAX_TEXT)
 Name = Field(min_length=1, max_length=MAX_NAME)
@@ -236,10 +236,20 @@ def add_items(store: Store, rows: list[tuple[str, list[dict], str | None, list[d
     return store.write(insert)
 
 
+def import_rows(paths: list[Path]) -> list[tuple[str, list[dict], str | None, list[dict]]]:
+    """(id, prompt messages, reference, outputs) rows of `tunelab eval --export-manual` files or plain
+    JSONL with outputs present, validated."""
+    return [(row.id, row.chat(), row.reference, [o.model_dump() for o in row.outputs])
+            for path in paths for _, row in read_rows(path, ImportRow)]
+
+
 def import_files(store: Store, paths: list[Path], kinds: list[str], per_item: int | None = None) -> tuple[int, int]:
     """Items from `tunelab eval --export-manual` files or plain JSONL with outputs present."""
-    rows = []
-    for path in paths:
-        for _, row in read_rows(path, ImportRow):
-            rows.append((row.id, row.chat(), row.reference, [o.model_dump() for o in row.outputs]))
-    return add_items(store, rows, kinds, per_item)
+    return add_items(store, import_rows(paths), kinds, per_item)
+
+
+def present_ids(store: Store, kinds: list[str]) -> set[str]:
+    """The item ids already in the project for every one of `kinds` (re-adding them would be skipped)."""
+    with store.read() as s:
+        per_kind = [set(s.scalars(select(Item.external_id).where(Item.kind == kind))) for kind in kinds]
+    return set.intersection(*per_kind) if per_kind else set()

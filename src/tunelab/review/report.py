@@ -1,4 +1,5 @@
-"""`tunelab review report`: per-model and per-item results, agreement, outlying reviewers, plots.
+"""`tunelab review report`: per-model and per-item results, agreement, outlying reviewers, plots,
+and (with a reward model) how well that model agrees with the held-out human rankings.
 
 `summarise` computes everything as plain data (the CLI prints it, tests check it);
 `write_report` renders it to one self-contained HTML file with its plots embedded.
@@ -77,6 +78,27 @@ def _model_scores(reviews: Reviews) -> tuple[dict[str, dict], dict[int, list[dic
     return out, per_item
 
 
+def _thumbs(reviews: Reviews) -> tuple[dict[str, float], dict[int, list[dict]], float | None]:
+    """Per model: the share of its rated outputs' thumbs that were up; per rate item: each output's
+    share; Krippendorff's alpha of the thumbs (units: the outputs of rate items; with two values
+    the ordinal and the nominal alpha are the same)."""
+    up, total, per_item, units = defaultdict(int), defaultdict(int), {}, []
+    for item in (i for i in reviews.items.values() if i.kind == "rate"):
+        votes = reviews.thumbs(item)
+        for o, model, _ in item.outputs:
+            up[model] += sum(votes.get(o, []))
+            total[model] += len(votes.get(o, []))
+            units.append((item, o))
+        per_item[item.id] = [{"model": m, "score": _mean(votes.get(o, []))} for o, m, _ in item.outputs]
+    matrix = {r: [None] * len(units) for r in sorted({reviews.by[a] for item, _ in units for a in item.done})}
+    for u, (item, o) in enumerate(units):
+        for a in item.done:
+            if o in reviews.ratings.get(a, {}):
+                matrix[reviews.by[a]][u] = int(reviews.ratings[a][o])
+    alpha = agreement.ordinal_alpha(list(matrix.values()), (0, 1)) if matrix else None
+    return {m: up[m] / total[m] for m in total if total[m]}, per_item, alpha
+
+
 def _rank_agreement(reviews: Reviews) -> tuple[dict[int, dict], dict, dict[int, float]]:
     """Per rank item: Kendall's W and each output's mean rank; overall: mean W and pooled pairwise
     agreement; per reviewer: the share of their comparisons that disagree with another reviewer."""
@@ -119,14 +141,17 @@ def _rubric_alpha_and_distance(reviews: Reviews) -> tuple[dict[str, float | None
     return alphas, distance
 
 
-def summarise(reviews: Reviews) -> dict:
+def summarise(reviews: Reviews, reward: dict | None = None) -> dict:
+    """Everything the report shows; `reward`: `reward_check.agreement`'s result, when a reward model was given."""
     ranked = _model_ranks(reviews)
     scored, rubric_items = _model_scores(reviews)
+    thumbs_up, rate_items, thumbs_alpha = _thumbs(reviews)
+    scores_of = {**rubric_items, **rate_items}
     alphas, rubric_distance = _rubric_alpha_and_distance(reviews)
     rank_items, rank_overall, rank_distance = _rank_agreement(reviews)
     items = [
         {"id": i.external_id, "kind": i.kind, "done": len(i.done), "needed": i.needed, "pending": i.pending,
-         **(rank_items[i.id] if i.kind == "rank" else {"agreement": None, "outputs": rubric_items[i.id]}),
+         **(rank_items[i.id] if i.kind == "rank" else {"agreement": None, "outputs": scores_of[i.id]}),
          "comments": [f"{reviews.reviewer_names[r]}: {c}" for r, c in i.comments]}
         for i in reviews.items.values()
     ]
@@ -140,17 +165,19 @@ def summarise(reviews: Reviews) -> dict:
          "rank_disagreement": rank_dist.get(name), "flagged": [k for k, who in flagged.items() if name in who]}
         for rid, name in sorted(names.items())
     ]
-    models = sorted(set(ranked) | set(scored))
+    models = sorted(set(ranked) | set(scored) | set(thumbs_up))
     return {
         "criteria": [{"name": c.name, "weight": c.weight, "scale": [c.scale_min, c.scale_max]} for c in reviews.criteria],
         "progress": {"done": sum(len(i.done) for i in reviews.items.values()),
                      "needed": sum(i.needed for i in reviews.items.values()),
                      "n_items": len(reviews.items)},
         "models": {m: {**ranked.get(m, {"win_rate": None, "mean_rank": None}),
-                       **scored.get(m, {"weighted_score": None, "criteria": {}})} for m in models},
-        "agreement": {"rubric_alpha": alphas, **rank_overall},
+                       **scored.get(m, {"weighted_score": None, "criteria": {}}),
+                       "thumbs_up": thumbs_up.get(m)} for m in models},
+        "agreement": {"rubric_alpha": alphas, **rank_overall, "thumbs_alpha": thumbs_alpha},
         "reviewers": reviewers,
         "items": items,
+        "reward_model": reward,
     }
 
 
@@ -159,15 +186,23 @@ def format_summary(summary: dict) -> str:
              f"on {summary['progress']['n_items']} items", "models:" if summary["models"] else "models: none reviewed yet"]
     for m, v in summary["models"].items():
         lines.append(f"  {m}: weighted rubric score {fmt(v['weighted_score'], '.1f')}/100, "
-                     f"win rate {fmt(v['win_rate'])}, mean rank {fmt(v['mean_rank'], '.2f')}")
+                     f"win rate {fmt(v['win_rate'])}, mean rank {fmt(v['mean_rank'], '.2f')}, thumbs up {fmt(v['thumbs_up'])}")
     ag = summary["agreement"]
     alphas = ", ".join(f"{k} {fmt(v)}" for k, v in ag["rubric_alpha"].items())
     lines.append(f"agreement: Krippendorff's alpha (ordinal) {alphas or 'n/a'}; "
                  f"Kendall's W {fmt(ag['kendall_w'])} (mean of {ag['rank_items_with_2plus']} items); "
-                 f"pairwise {fmt(ag['pairwise'])}")
+                 f"pairwise {fmt(ag['pairwise'])}; thumbs alpha {fmt(ag['thumbs_alpha'])}")
     flagged = [f"{r['name']} ({', '.join(r['flagged'])})" for r in summary["reviewers"] if r["flagged"]]
     lines.append(f"outlying reviewers: {', '.join(flagged) or 'none'}")
+    if rm := summary["reward_model"]:
+        lines.append(f"reward model {rm['run']} vs held-out human rankings ({rm['items']} items, {rm['pairs']} pairs): "
+                     f"pairwise accuracy {fmt(rm['accuracy'])} {_interval(rm['accuracy_ci95'])}, "
+                     f"Kendall's tau {fmt(rm['kendall_tau'])} {_interval(rm['kendall_tau_ci95'])}")
     return "\n".join(lines)
+
+
+def _interval(ci: list[float] | None) -> str:
+    return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "[n/a]"
 
 
 def _bars(path: Path, title: str, ylabel: str, series: dict[str, dict[str, float | None]], red: set[str] = frozenset(),
@@ -218,9 +253,16 @@ def _plots(summary: dict, out: Path) -> list[Path]:
     return [p for p in made if p]
 
 
-def write_report(store: Store, out_dir: Path) -> tuple[Path, dict]:
-    """out_dir/report.html (plots embedded) and out_dir/summary.json; returns (html path, summary)."""
-    summary = summarise(load(store))
+def write_report(store: Store, out_dir: Path, reward_model: str | None = None) -> tuple[Path, dict]:
+    """out_dir/report.html (plots embedded) and out_dir/summary.json; returns (html path, summary).
+    `reward_model`: a `tunelab reward` run to check against the rankings it was not trained on."""
+    reviews = load(store)
+    reward = None
+    if reward_model is not None:
+        from tunelab.review.reward_check import agreement as reward_agreement
+
+        reward = reward_agreement(reviews, reward_model)
+    summary = summarise(reviews, reward)
     plots = _plots(summary, out_dir / "plots")
     images = [(p.stem.replace("_", " "), base64.b64encode(p.read_bytes()).decode("ascii")) for p in plots]
     write_text(out_dir / "summary.json", json.dumps(summary, indent=1) + "\n")

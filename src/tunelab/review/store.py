@@ -83,7 +83,7 @@ class Criterion(Base):
 
 
 class Item(Base):
-    """A prompt and the outputs to review, of one kind: `rank` or `rubric`."""
+    """A prompt and the outputs to review, of one kind: `rank`, `rubric` or `rate` (thumbs up/down)."""
 
     __tablename__ = "items"
     __table_args__ = (UniqueConstraint("external_id", "kind"),)
@@ -132,6 +132,15 @@ class Ranking(Base):
     assignment_id: Mapped[int] = mapped_column(ForeignKey("assignments.id"), primary_key=True)
     output_id: Mapped[int] = mapped_column(ForeignKey("outputs.id"), primary_key=True)
     rank: Mapped[int] = mapped_column(Integer)
+
+
+class Rating(Base):
+    """A thumbs up (True) or down (False) for one output in one submission: what KTO learns from."""
+
+    __tablename__ = "ratings"
+    assignment_id: Mapped[int] = mapped_column(ForeignKey("assignments.id"), primary_key=True)
+    output_id: Mapped[int] = mapped_column(ForeignKey("outputs.id"), primary_key=True)
+    up: Mapped[bool] = mapped_column(Boolean)
 
 
 class Score(Base):
@@ -190,6 +199,7 @@ class Store:
             raise TunelabError(f"--db {self.url}: cannot connect: {err.orig}") from None
         if not ready:
             raise TunelabError(f"--db {self.url}: not a review project yet; run `tunelab review init --db {self.url}`")
+        Base.metadata.create_all(self.engine)  # tables a later tunelab added (ratings) join an older project
         return self
 
     @contextmanager

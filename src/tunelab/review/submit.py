@@ -1,8 +1,9 @@
-"""Saving a reviewer's ranking or rubric scores: validated whole, then written in one
+"""Saving a reviewer's ranking, rubric scores or thumbs: validated whole, then written in one
 transaction; a later save replaces the reviewer's earlier one until the item closes.
 
 Form fields: `rank_<output id>` (1 = best, equal numbers are ties) for rank items,
-`score_<output id>_<criterion id>` for rubric items, and an optional `comment`.
+`score_<output id>_<criterion id>` for rubric items, `rate_<output id>` (`up` or `down`) for rate
+items, and an optional `comment`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from sqlalchemy.orm import Session
 
 from tunelab.errors import TunelabError
 from tunelab.review.assign import closed
-from tunelab.review.store import MAX_COMMENT, Assignment, Criterion, Ranking, Score, Store, now
+from tunelab.review.store import MAX_COMMENT, Assignment, Criterion, Ranking, Rating, Score, Store, now
+
+THUMBS = {"up": True, "down": False}
 
 
 class SubmissionError(TunelabError):
@@ -43,9 +46,21 @@ def _integer(form: Mapping[str, str], key: str, lo: int, hi: int, what: str) -> 
     return value
 
 
+def _thumb(form: Mapping[str, str], key: str, what: str) -> bool:
+    raw = str(form.get(key) or "").strip()
+    if not raw:
+        raise SubmissionError(f"{what}: missing; give every output a thumbs up or down")
+    if raw not in THUMBS:
+        raise SubmissionError(f"{what}: {raw[:20]!r} is not up or down")
+    return THUMBS[raw]
+
+
 def parse(s: Session, assignment: Assignment, form: Mapping[str, str], labels: dict[int, str]) -> list:
-    """The Ranking or Score rows a form describes; raises SubmissionError before anything is written."""
+    """The Ranking, Score or Rating rows a form describes; raises SubmissionError before anything is written."""
     outputs = assignment.item.outputs
+    if assignment.item.kind == "rate":
+        return [Rating(assignment_id=assignment.id, output_id=o.id, up=_thumb(form, f"rate_{o.id}", f"output {labels[o.id]}"))
+                for o in outputs]
     if assignment.item.kind == "rank":
         return [
             Ranking(assignment_id=assignment.id, output_id=o.id,
@@ -67,6 +82,8 @@ def form_values(s: Session, assignment: Assignment) -> dict[str, str]:
             s.scalars(select(Ranking).where(Ranking.assignment_id == assignment.id))]
     rows += [(f"score_{sc.output_id}_{sc.criterion_id}", sc.score) for sc in
              s.scalars(select(Score).where(Score.assignment_id == assignment.id))]
+    rows += [(f"rate_{r.output_id}", "up" if r.up else "down") for r in
+             s.scalars(select(Rating).where(Rating.assignment_id == assignment.id))]
     return {key: str(value) for key, value in rows} | {"comment": assignment.comment or ""}
 
 
@@ -106,7 +123,7 @@ def submit(store: Store, reviewer_id: int, assignment_id: int, form: Mapping[str
             raise Closed("this item is closed: it has all its reviews")
         rows = parse(s, assignment, form, labels_for(assignment))
         if edit:
-            for table in (Ranking, Score):
+            for table in (Ranking, Score, Rating):
                 s.execute(delete(table).where(table.assignment_id == assignment.id))
         s.add_all(rows)
         s.flush()

@@ -55,12 +55,9 @@
   show();
 })();
 
-// Rubric: a digit scores the highlighted row (output x criterion) and moves to the next one;
-// arrow keys move, Enter submits.
-(function () {
-  const form = document.getElementById("review-form");
-  if (!form || form.dataset.kind !== "rubric") return;
-  const rows = Array.from(form.querySelectorAll(".score-row"));
+// Rubric and thumbs: a key sets the highlighted row's radio button and moves to the next row;
+// arrow keys move, Enter submits. `valueFor(key)` is the radio value a key stands for.
+function radioCursor(form, rows, valueFor) {
   let at = 0;
 
   function move(to) {
@@ -72,7 +69,8 @@
   document.addEventListener("keydown", (e) => {
     if (["TEXTAREA", "INPUT", "SELECT"].includes(e.target.tagName) && e.target.type !== "radio") return;
     if (e.ctrlKey || e.metaKey || e.altKey) return;
-    const radio = rows[at].querySelector(`input[type=radio][value="${e.key}"]`);
+    const value = valueFor(e.key);
+    const radio = value === undefined ? null : rows[at].querySelector(`input[type=radio][value="${value}"]`);
     if (radio) { radio.checked = true; move(at + 1); }
     else if (e.key === "ArrowDown" || e.key === "ArrowRight") move(at + 1);
     else if (e.key === "ArrowUp" || e.key === "ArrowLeft" || e.key === "Backspace") move(at - 1);
@@ -82,4 +80,17 @@
   });
   rows.forEach((r, i) => r.addEventListener("click", () => move(i)));
   move(0);
+}
+
+// Rubric: a digit scores the highlighted row (output x criterion).
+(function () {
+  const form = document.getElementById("review-form");
+  if (form && form.dataset.kind === "rubric") radioCursor(form, Array.from(form.querySelectorAll(".score-row")), (key) => key);
+})();
+
+// Thumbs: Y or + marks the highlighted answer good, N or - not good.
+(function () {
+  const form = document.getElementById("review-form");
+  const keys = { y: "up", "+": "up", n: "down", "-": "down" };
+  if (form && form.dataset.kind === "rate") radioCursor(form, Array.from(form.querySelectorAll(".rate-card")), (key) => keys[key.toLowerCase()]);
 })();
