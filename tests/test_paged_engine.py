@@ -216,22 +216,32 @@ def test_graph_decode_path_equals_eager(lively, tokenizer, monkeypatch):
     mixed = [SamplingParams(max_new_tokens=12), SamplingParams(max_new_tokens=8, temperature=0.9, seed=3),
              SamplingParams(max_new_tokens=6, temperature=1.1, top_k=20, seed=4), SamplingParams(max_new_tokens=8),
              SamplingParams(max_new_tokens=3)]
-    eager = build_engine("paged", lively, tokenizer, kv_budget_tokens=256, page_size=4)
-    try:
-        expected = [eager.collect(h).token_ids for h in eager.submit_many(prompts, mixed)]
-    finally:
-        eager.close()
+
+    def run(graphs: bool, eos: set[int], budget: int = 256):
+        engine = build_engine("paged", lively, tokenizer, kv_budget_tokens=budget, page_size=4)
+        engine.eos = eos
+        r = engine.runner
+        if graphs:
+            with engine.exclusive():
+                r.graphs = True
+                r._static = runner_module._StaticInputs(r.buckets[-1], engine.scheduler.tables.shape[1], r.device)
+        try:
+            return [engine.collect(h).token_ids for h in engine.submit_many(prompts, mixed)], engine, r
+        finally:
+            engine.close()
+
     monkeypatch.setattr(runner_module, "record", lambda body, pool, device: Replayed(body))
-    engine = build_engine("paged", lively, tokenizer, kv_budget_tokens=256, page_size=4)
-    r = engine.runner
-    with engine.exclusive():
-        r.graphs, r._static = True, runner_module._StaticInputs(r.buckets[-1], engine.scheduler.tables.shape[1], r.device)
-    try:
-        got = [engine.collect(h).token_ids for h in engine.submit_many(prompts, mixed)]
-    finally:
-        engine.close()
+    expected, _, _ = run(False, set())
+    got, engine, r = run(True, set())
     assert got == expected
     assert {mode for _bucket, mode, _state in r._graphs} == {"greedy", "sample", "filter"}
+    assert engine.phases["queued_behind"] > 0  # steps were queued behind the one in flight
+    eos = {expected[0][4], expected[3][2]}  # tokens drawn mid-run: those requests end there, one step in flight
+    expected, _, _ = run(False, eos)
+    got, engine, _ = run(True, eos)
+    assert got == expected and len(expected[0]) <= 5
+    got, engine, _ = run(True, set(), budget=64)  # preemptions: the queued path hands over to the synchronous one
+    assert got == run(False, set())[0] and engine.kv()["summary"]["preemptions"] > 0
 
 
 def test_rloo_rollouts_go_through_the_engine(lively, tokenizer):

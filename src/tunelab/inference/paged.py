@@ -27,7 +27,9 @@ from tunelab.inference.scheduler import Scheduler, Sequence
 
 log = logging.getLogger(__name__)
 
-CPU_MAX_BATCH_TOKENS, GPU_MAX_BATCH_TOKENS = 512, 4096  # tokens one step computes (chunked prefill)
+CPU_MAX_BATCH_TOKENS, GPU_MAX_BATCH_TOKENS = 512, 8192  # tokens one step computes (chunked prefill)
+"""An eager prefill step costs the host ~40 ms of launches on a small model whatever its size, so
+the GPU takes big ones (vLLM's offline default is the same 8,192)."""
 CPU_MAX_SEQS, GPU_MAX_SEQS = 64, 256  # sequences running at once
 
 
@@ -36,13 +38,15 @@ class PagedEngine(Engine):
 
     def __init__(self, model, tokenizer, *, parts: Parts, kv_budget_tokens: int | None = None, page_size: int = 16,
                  demand_tokens: int | None = None, max_seqs: int | None = None, max_batch_tokens: int | None = None,
-                 seed: int | None = None, cuda_graphs: bool = True, program: str | None = None, **_other_backends):
+                 seed: int | None = None, cuda_graphs: bool = True, overlap: bool = True, program: str | None = None,
+                 **_other_backends):
         """`backends.build_engine` makes one (it checks the architecture first). kv_budget_tokens:
         the pool in tokens (None: 8,192 on the CPU, 90 % of free GPU memory less the workspace,
         either capped at demand_tokens, the total a known workload needs);
         page_size: tokens per block; max_seqs / max_batch_tokens: sequences and tokens per step;
-        seed: where unseeded sampled requests draw their seeds from; program: 'hf' or 'fused'
-        (None: fused on a GPU where the layer allows it)."""
+        seed: where unseeded sampled requests draw their seeds from; overlap: queue the next graph
+        decode step before reading the one in flight (the host's work hides behind the GPU's);
+        program: 'hf' or 'fused' (None: fused on a GPU where the layer allows it)."""
         super().__init__(model, tokenizer)
         if page_size < 1:
             raise TunelabError(f"--page-size must be >= 1, got {page_size}")
@@ -64,10 +68,11 @@ class PagedEngine(Engine):
         self.runner = ModelRunner(model, parts, num_blocks=num_blocks, page=page_size, max_seqs=self.max_seqs,
                                   max_blocks=width, graphs=cuda_graphs, program=program)
         self.kv_bytes = self.runner.kv.numel() * self.runner.kv.element_size()
+        self.overlap = overlap
         self.eos = eos_ids(model, tokenizer)
         self.ledger = KVLedger(per_token)
         self._seeds = random.Random(seed)
-        self.phases: Counter[str] = Counter()  # where the loop's time goes: steps by kind (count, s), host work (s)
+        self.phases: Counter[str] = Counter()  # steps by kind (count, s), host work (s), steps queued behind another
         self._inbox: deque[Handle] = deque()
         self._cancels: set[str] = set()
         self._cond = threading.Condition()
@@ -126,11 +131,14 @@ class PagedEngine(Engine):
 
     # -- the loop -----------------------------------------------------------------------------
     def _loop(self) -> None:
+        flight = None  # (step, its sampling rows, pending read-back): a decode step queued on the GPU
         while True:
             with self._cond:
-                while not (self._inbox or self._cancels or self.scheduler.has_work() or self._closed):
+                while not (flight or self._inbox or self._cancels or self.scheduler.has_work() or self._closed):
                     self._cond.wait()
                 if self._closed:
+                    if flight is not None:
+                        self.runner.wait(flight[2])
                     self._fail_all("the engine was closed", "cancelled")
                     return
                 new, self._inbox = list(self._inbox), deque()
@@ -139,29 +147,61 @@ class PagedEngine(Engine):
                 self._admit(handle)
             for request_id in cancels:
                 self._cancel_now(request_id)
-            t0 = time.perf_counter()
+            try:
+                with self._model_lock:
+                    flight = self._turn(flight)
+            except Exception as err:  # noqa: BLE001 — reported on every request, not lost in a thread
+                log.exception("paged engine step failed")
+                self._fail_all(f"{type(err).__name__}: {err}", "error")
+                flight = None
+
+    def _turn(self, flight):
+        """One turn of the loop. With a decode step in flight: queue the next one behind it when it
+        can be planned without the tokens in flight (then the GPU never waits for the host), read
+        the in-flight tokens, hand them out. Else: schedule a step; a graph-decode step is left in
+        flight, any other runs to the end here. Returns the step now in flight, or None."""
+        t0 = time.perf_counter()
+        if flight is None:
             step = self.scheduler.schedule()
             if step is None:
                 self._record(step=False)
-                continue
+                return None
             self._record(step=True, computing=len(step.inputs.ids))  # what this step holds, its own tokens written
+            pending = self.runner.try_launch(step.inputs) if self.overlap else None
+            if pending is not None:
+                self.phases["host_s"] += time.perf_counter() - t0
+                return step, self.scheduler.commit(step), pending
             t1 = time.perf_counter()
-            with self._model_lock:
-                try:
-                    sampled = self.runner.step(step.inputs)
-                except Exception as err:  # noqa: BLE001 — reported on every request, not lost in a thread
-                    log.exception("paged engine step failed")
-                    self._fail_all(f"{type(err).__name__}: {err}", "error")
-                    continue
+            sampled = self.runner.step(step.inputs)
             t2 = time.perf_counter()
-            drawn = self.scheduler.advance(step, sampled)
-            for seq, token in drawn:
-                self._deliver(seq, token)
-            self._delivered(len(drawn))
+            self._hand_out(self.scheduler.fill(self.scheduler.commit(step), sampled))
             kind = "decode" if step.inputs.decode_only else "mixed"
             self.phases[f"{kind}_steps"] += 1
             self.phases[f"{kind}_s"] += t2 - t1
             self.phases["host_s"] += (t1 - t0) + (time.perf_counter() - t2)
+            return None
+        step, rows, pending = flight
+        following = None
+        planned = self.scheduler.plan_decodes(step)
+        if planned is not None and self.runner.captured(planned[0].inputs):
+            nxt, src = planned
+            self._record(step=True, computing=len(nxt.inputs.ids))
+            queued = self.runner.launch(nxt.inputs, src)
+            following = nxt, self.scheduler.commit(nxt), queued
+            self.phases["queued_behind"] += 1
+        t1 = time.perf_counter()
+        sampled = self.runner.wait(pending)
+        t2 = time.perf_counter()
+        self._hand_out(self.scheduler.fill(rows, sampled))
+        self.phases["decode_steps"] += 1
+        self.phases["decode_s"] += t2 - t1
+        self.phases["host_s"] += (t1 - t0) + (time.perf_counter() - t2)
+        return following
+
+    def _hand_out(self, drawn: list[tuple[Sequence, int]]) -> None:
+        for seq, token in drawn:
+            self._deliver(seq, token)
+        self._delivered(len(drawn))
 
     def _admit(self, handle: Handle) -> None:
         need = len(handle.prompt_ids) + handle.params.max_new_tokens
@@ -193,13 +233,14 @@ class PagedEngine(Engine):
         p = seq.handle.params
         if token in self.eos or (p.stop and self._hits_stop(seq)):
             return "stop"
-        return "length" if len(seq.tokens) - seq.prompt_len >= p.max_new_tokens else None
+        return "length" if seq.drawn >= p.max_new_tokens else None
 
     def _hits_stop(self, seq: Sequence) -> bool:
         """A stop string in the text of the last few tokens (enough to hold the longest one);
         the consumer's TextStream cuts the text at it."""
         longest = max(map(len, seq.params.stop))
-        tail = seq.tokens[max(seq.prompt_len, len(seq.tokens) - longest - 2) :]
+        end = seq.prompt_len + seq.drawn
+        tail = seq.tokens[max(seq.prompt_len, end - longest - 2) : end]
         text = self.tokenizer.decode(tail, skip_special_tokens=True)
         return any(s in text for s in seq.params.stop)
 

@@ -116,13 +116,33 @@ class ModelRunner:
     # -- the step -----------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, x: StepInputs) -> list[int]:
-        if self.graphs and x.decode_only and len(x.ids) <= self.buckets[-1]:
+        """Run a step and read its sampled ids (the one host sync)."""
+        if self.graphable(x):
             try:
-                return self._replay(x)
+                return self.wait(self.launch(x))
             except RuntimeError as err:  # a module that cannot be captured (e.g. it syncs the host)
                 log.warning("CUDA graph capture failed (%s); decoding without graphs", err)
                 self.graphs = False
         return self._eager(x)
+
+    def try_launch(self, x: StepInputs) -> tuple | None:
+        """`launch` for a step that a graph can run; None otherwise (or if its capture failed)."""
+        if not self.graphable(x):
+            return None
+        try:
+            return self.launch(x)
+        except RuntimeError as err:
+            log.warning("CUDA graph capture failed (%s); decoding without graphs", err)
+            self.graphs = False
+            return None
+
+    def graphable(self, x: StepInputs) -> bool:
+        return self.graphs and x.decode_only and len(x.ids) <= self.buckets[-1]
+
+    def captured(self, x: StepInputs) -> bool:
+        """Its graph exists (a capture resets the static buffers, so a step launched behind
+        another one must not capture)."""
+        return self.graphable(x) and self._key(x) in self._graphs
 
     def _eager(self, x: StepInputs) -> list[int]:
         dev = self.device
@@ -199,14 +219,26 @@ class ModelRunner:
         t = self._tuner
         return None if t is None else (tuple(t.active_adapters), bool(t.disable_adapters), bool(t.merged))
 
-    def _replay(self, x: StepInputs) -> list[int]:
-        n = len(x.ids)
-        bucket = next(b for b in self.buckets if b >= n)
-        key = (bucket, x.mode, self._adapter_state())
+    def _key(self, x: StepInputs) -> tuple:
+        return next(b for b in self.buckets if b >= len(x.ids)), x.mode, self._adapter_state()
+
+    @torch.no_grad()
+    def launch(self, x: StepInputs, src: list[int] | None = None) -> tuple:
+        """Queue a decode step's graph without waiting for it. src: for each row, the row of the
+        step queued just before whose drawn token is this row's input (still on the device)."""
+        key = self._key(x)
         graph = self._graphs.get(key) or self._capture(key)
-        self._static.load(x, bucket)
+        out = self._static.load(x, key[0], src)
         graph.replay()
-        return self._static.out[:n].tolist()
+        return self._static.read_back(out, len(x.ids))
+
+    @staticmethod
+    def wait(pending: tuple) -> list[int]:
+        """The sampled ids of a launched step (waits for it)."""
+        event, host, n = pending
+        if event is not None:
+            event.synchronize()
+        return host[:n].tolist()
 
     @torch.no_grad()
     def capture(self, up_to: int | None = None) -> int:
@@ -256,21 +288,26 @@ def record(body, pool, device) -> torch.cuda.CUDAGraph:
 
 
 class _StaticInputs:
-    """The captured graphs' inputs and output at fixed addresses, filled from one pinned host
-    buffer with one copy per step: [ids | pos | slots | lens | top_k | seed | index | tables]
-    as int64 (S each, tables S × W) and [temperature | top_p] as float32."""
+    """The captured graphs' inputs and output at fixed addresses, filled from a pinned host buffer
+    with one copy per step: [ids | pos | slots | lens | top_k | seed | index | src | tables] as
+    int64 (S each, tables S × W) and [temperature | top_p] as float32. Host buffers come in
+    pairs: a step is filled while the one before may still be copying from the other."""
+
+    SEGMENTS = 8
 
     def __init__(self, max_seqs: int, width: int, device):
         s, self.s, self.w = max_seqs, max_seqs, width
-        pinned = lambda t: t.pin_memory() if torch.device(device).type == "cuda" else t  # noqa: E731 — async copies
-        self.host = pinned(torch.zeros(7 * s + s * width, dtype=torch.int64))
-        self.host_f = pinned(torch.zeros(2 * s, dtype=torch.float32))
-        self.h, self.hf = self.host.numpy(), self.host_f.numpy()
-        self.dev = torch.zeros(self.host.shape, dtype=torch.int64, device=device)
-        self.dev_f = torch.zeros(self.host_f.shape, dtype=torch.float32, device=device)
-        self.ids, self.pos, self.slots, self.lens, self.top_k, self.seed, self.index = (
-            self.dev[i * s : (i + 1) * s] for i in range(7))
-        self.tables = self.dev[7 * s :].view(s, width)
+        self.cuda = torch.device(device).type == "cuda"
+        pinned = lambda t: t.pin_memory() if self.cuda else t  # noqa: E731 — async copies need pinned memory
+        self.host = [pinned(torch.zeros(self.SEGMENTS * s + s * width, dtype=torch.int64)) for _ in range(2)]
+        self.host_f = [pinned(torch.zeros(2 * s, dtype=torch.float32)) for _ in range(2)]
+        self.host_out = [pinned(torch.zeros(s, dtype=torch.int64)) for _ in range(2)]
+        self.turn = 0
+        self.dev = torch.zeros(self.host[0].shape, dtype=torch.int64, device=device)
+        self.dev_f = torch.zeros(self.host_f[0].shape, dtype=torch.float32, device=device)
+        self.ids, self.pos, self.slots, self.lens, self.top_k, self.seed, self.index, self.src = (
+            self.dev[i * s : (i + 1) * s] for i in range(self.SEGMENTS))
+        self.tables = self.dev[self.SEGMENTS * s :].view(s, width)
         self.temperature, self.top_p = self.dev_f[:s], self.dev_f[s:]
         self.out = torch.zeros(s, dtype=torch.int64, device=device)
 
@@ -280,16 +317,35 @@ class _StaticInputs:
         self.lens[:bucket].fill_(1)
         self.dev_f.zero_()
 
-    def load(self, x: StepInputs, bucket: int) -> None:
-        """x's rows, then bucket − n padding rows on the scratch block (slot 0, one token, greedy)."""
-        n, s, h = len(x.ids), self.s, self.h
-        for i, values in enumerate((x.ids, x.positions, x.slots, x.context_lens, x.top_k, x.seed, x.index)):
+    def load(self, x: StepInputs, bucket: int, src: list[int] | None) -> int:
+        """x's rows, then bucket − n padding rows on the scratch block (slot 0, one token, greedy);
+        with src, the input ids are gathered on the device from the previous step's output.
+        Returns the host buffer pair used."""
+        turn, self.turn = self.turn, 1 - self.turn
+        h, hf = self.host[turn].numpy(), self.host_f[turn].numpy()
+        n, s = len(x.ids), self.s
+        for i, values in enumerate((x.ids, x.positions, x.slots, x.context_lens, x.top_k, x.seed, x.index,
+                                    src if src is not None else 0)):
             h[i * s : i * s + n] = values
             h[i * s + n : i * s + bucket] = 1 if i == 3 else 0
-        end = 7 * s + bucket * self.w
-        h[7 * s : 7 * s + n * self.w] = x.tables.reshape(-1)
-        h[7 * s + n * self.w : end] = 0
-        self.hf[:n], self.hf[n:bucket] = x.temperature, 0
-        self.hf[s : s + n], self.hf[s + n : s + bucket] = x.top_p, 1
-        self.dev[:end].copy_(self.host[:end], non_blocking=True)
-        self.dev_f.copy_(self.host_f, non_blocking=True)
+        tables = self.SEGMENTS * s
+        h[tables : tables + n * self.w] = x.tables.reshape(-1)
+        h[tables + n * self.w : tables + bucket * self.w] = 0
+        hf[:n], hf[n:bucket] = x.temperature, 0
+        hf[s : s + n], hf[s + n : s + bucket] = x.top_p, 1
+        end = tables + bucket * self.w
+        self.dev[:end].copy_(self.host[turn][:end], non_blocking=True)
+        self.dev_f.copy_(self.host_f[turn], non_blocking=True)
+        if src is not None:
+            self.ids[:n] = self.out.index_select(0, self.src[:n])  # ordered after the step before, on the stream
+        return turn
+
+    def read_back(self, turn: int, n: int) -> tuple:
+        """Queue the copy of the drawn ids to the host; (event, host buffer, n) for `wait`."""
+        host = self.host_out[turn]
+        host[:n].copy_(self.out[:n], non_blocking=True)
+        event = None
+        if self.cuda:
+            event = torch.cuda.Event()
+            event.record()
+        return event, host, n

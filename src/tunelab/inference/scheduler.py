@@ -20,6 +20,8 @@ from tunelab.inference.base import Handle
 from tunelab.inference.blocks import BlockPool
 from tunelab.inference.sampling import mode_for
 
+PLACEHOLDER = -1  # a token drawn by a step in flight, not read yet
+
 
 @dataclass(eq=False)
 class Sequence:
@@ -32,6 +34,8 @@ class Sequence:
     blocks: list[int] = field(default_factory=list)
     computed: int = 0  # leading tokens whose K/V are in the pool
     row: int = -1  # its row of the block-table array while it holds blocks
+    done: bool = False  # finished or cancelled; a step in flight may still compute its row
+    drawn: int = 0  # generated tokens read back (the rest of `tokens` are placeholders)
 
     @property
     def params(self):
@@ -120,7 +124,10 @@ class Scheduler:
         return next((s for s in [*self.running, *self.waiting] if s.handle.id == request_id), None)
 
     def finish(self, seq: Sequence) -> None:
-        """Drop a sequence (finished or cancelled) and free its blocks."""
+        """Drop a sequence (finished or cancelled) and free its blocks. A step in flight may still
+        write its row's K/V into them: that write is ordered before any later step's on the stream,
+        so a block handed out again is rewritten by its new owner before anything reads it."""
+        seq.done = True
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
@@ -203,17 +210,59 @@ class Scheduler:
             self._rows.append(seq.row)
             seq.row = -1
 
-    def advance(self, step: Step, sampled: list[int]) -> list[tuple[Sequence, int]]:
-        """Account a finished step: chunks are cached, and each sampling chunk's sequence gets its
-        token. Returns (sequence, new token) in step order."""
-        out, drawn = [], iter(sampled)
+    def commit(self, step: Step) -> list[Sequence | None]:
+        """Account a launched step: its chunks count as cached, and each sampling chunk's sequence
+        gets a PLACEHOLDER for the token being drawn (`fill` puts it in), so the next step can be
+        planned before this one's tokens are read. Returns the sampling rows' sequences (None for
+        one that ended meanwhile: its row is computed and dropped)."""
+        rows = []
         for chunk in step.chunks:
-            chunk.seq.computed += chunk.length
+            seq = chunk.seq
+            if seq.done:
+                if chunk.samples:
+                    rows.append(None)
+                continue
+            seq.computed += chunk.length
             if chunk.samples:
-                token = next(drawn)
-                chunk.seq.tokens.append(token)
-                out.append((chunk.seq, token))
+                seq.tokens.append(PLACEHOLDER)
+                rows.append(seq)
+        return rows
+
+    @staticmethod
+    def fill(rows: list[Sequence | None], sampled: list[int]) -> list[tuple[Sequence, int]]:
+        """The drawn tokens into their placeholders (each sequence's oldest)."""
+        out = []
+        for seq, token in zip(rows, sampled):
+            if seq is None or seq.done:
+                continue
+            seq.tokens[seq.prompt_len + seq.drawn] = token
+            seq.drawn += 1
+            out.append((seq, token))
         return out
+
+    def plan_decodes(self, after: Step) -> tuple[Step, list[int]] | None:
+        """The next step while `after` is still running, when it can be only decodes: every running
+        sequence is decoding, none waits to be admitted, and the pool has their blocks (no
+        preemption); sequences at their token limit after `after` are left out. Returns the step
+        and, per row, its row in `after` (the input token is on the device there), else None."""
+        if self.waiting:
+            return None
+        where = {id(c.seq): i for i, c in enumerate(after.chunks)}
+        chunks, src, page = [], [], self.pool.page
+        for seq in self.running:
+            if len(seq.tokens) - seq.computed != 1 or id(seq) not in where:
+                return None
+            if len(seq.tokens) - seq.prompt_len >= seq.handle.params.max_new_tokens:
+                continue  # ends with the token `after` draws
+            if len(seq.blocks) * page <= seq.computed:
+                if not self.pool.free:
+                    return None  # the synchronous path preempts
+                self._grant(seq, 1)
+            chunks.append(Chunk(seq, seq.computed, 1))
+            src.append(where[id(seq)])
+        if not chunks:
+            return None
+        return Step(chunks, self._inputs(chunks, len(chunks))), src
 
     # -- the step's arrays --------------------------------------------------------------------
     def _inputs(self, chunks: list[Chunk], num_decode: int) -> StepInputs:
