@@ -101,6 +101,17 @@ def save_model(model, tokenizer, folder):
     return folder
 
 
+def sharpen(model):
+    """Scale a random model's q/k projections and output layer up: attention then depends on position
+    (so a wrong RoPE layout shows in the logits) and greedy choices are no near-ties."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(6)
+            layer.self_attn.k_proj.weight.mul_(6)
+        (model.model.embed_tokens if model.config.tie_word_embeddings else model.lm_head).weight.mul_(8)
+    return model
+
+
 def spm_model(tokenizer, rope: dict | None = None):
     """A tiny untied Llama whose MLP rows (80) are not a multiple of Q8_0's 32-wide blocks."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -110,7 +121,7 @@ def spm_model(tokenizer, rope: dict | None = None):
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, rope_parameters=rope)
-    return LlamaForCausalLM(config).eval()
+    return sharpen(LlamaForCausalLM(config).eval())
 
 
 def make_run(folder, base_dir, tokenizer):
@@ -454,34 +465,69 @@ def test_push_refuses_bad_input(tmp_path, lora_run):
 
 # ---------------------------------------------------------------- llama.cpp (when llama-cpp-python is installed)
 
-@pytest.mark.parametrize("case", ["smollm2", "llama2-rope-llama3"])
-def test_llama_cpp_greedy_tokens_match_transformers(tmp_path, tokenizer, spm_tokenizer, case):
-    """llama.cpp loads the GGUF, tokenizes like the training tokenizer and its greedy continuation
-    equals transformers' on the same (f16-rounded) weights; the second case covers the
-    SentencePiece vocabulary, an untied output and Llama-3.1 RoPE scaling (rope_freqs)."""
+def llama_cpp_model(tmp_path, tok, model):
+    """(llama.cpp's Llama on the exported f16 GGUF, transformers on the same f16-rounded weights)."""
     llama_cpp = pytest.importorskip("llama_cpp")
     from transformers import AutoModelForCausalLM
 
     from tunelab.export.gguf import write_gguf
 
-    if case == "smollm2":
-        tok, model = tokenizer, make_tiny_model(tokenizer).eval()
-    else:
-        rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
-        tok, model = spm_tokenizer, spm_model(spm_tokenizer, rope)
-    with torch.no_grad():  # sharpen the random model's predictions, so greedy choices are not near-ties
-        model.lm_head.weight.mul_(8) if not model.config.tie_word_embeddings else model.model.embed_tokens.weight.mul_(8)
     folder = save_model(model, tok, tmp_path / "model")
     path = write_gguf(folder, tmp_path / "m.gguf", "f16")
-    f16 = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float16).float().eval()  # the weights llama.cpp has
-    llm = llama_cpp.Llama(str(path), n_ctx=256, n_threads=2, verbose=False)
-    for prompt in [tok.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=True), *PROMPTS]:
+    f16 = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float16).float().eval()
+    return llama_cpp.Llama(str(path), n_ctx=256, n_threads=2, logits_all=True, verbose=False), f16
+
+
+def greedy(model, ids, n, tok):
+    return model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                          pad_token_id=tok.pad_token_id)[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("case", ["smollm2", "llama2-rope-llama3"])
+def test_llama_cpp_greedy_tokens_match_transformers(tmp_path, tokenizer, spm_tokenizer, case):
+    """llama.cpp loads the GGUF, tokenizes like the training tokenizer, and its logits and greedy
+    continuation equal transformers' on the same (f16-rounded) weights; the second case covers the
+    SentencePiece vocabulary, an untied output and Llama-3.1 RoPE scaling (rope_freqs). Its chat
+    prompt is a single turn: text right after a special token differs (next test)."""
+    if case == "smollm2":
+        tok, model, conversation = tokenizer, sharpen(make_tiny_model(tokenizer).eval()), CONVERSATION
+    else:
+        rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 8}
+        tok, model, conversation = spm_tokenizer, spm_model(spm_tokenizer, rope), CONVERSATION[1:2]
+    llm, f16 = llama_cpp_model(tmp_path, tok, model)
+    chat = tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    for prompt in [chat, *PROMPTS]:
         ids = tok(prompt, add_special_tokens=False)["input_ids"]
         ids = [tok.bos_token_id] * (tok("a")["input_ids"][:1] == [tok.bos_token_id]) + ids
         assert llm.tokenize(prompt.encode(), add_bos=True, special=True) == ids, prompt
-        want = f16.generate(torch.tensor([ids]), max_new_tokens=12, min_new_tokens=12, do_sample=False,
-                            pad_token_id=tok.pad_token_id)[0, len(ids):].tolist()
+        llm.reset()
+        llm.eval(ids)
+        assert_close(torch.tensor(llm.scores[:len(ids)]), logits(f16, ids), "f16")
         llm.reset()
         got = [t for _, t in zip(range(12), llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0))]
-        assert got == want, prompt
+        assert got == greedy(f16, ids, 12, tok), prompt
+    if case == "smollm2":  # llama-cpp-python's chat API renders the GGUF's template and stops on its EOS
+        reply = llm.create_chat_completion(messages=conversation, max_tokens=12, temperature=0.0, top_k=1,
+                                           repeat_penalty=1.0)
+        ids = tok(chat, add_special_tokens=False)["input_ids"]
+        want = f16.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id,
+                            eos_token_id=tok.eos_token_id)[0, len(ids):]
+        assert reply["usage"]["prompt_tokens"] == len(ids)
+        assert reply["choices"][0]["message"]["content"] == tok.decode(want, skip_special_tokens=True)
+    llm.close()
+
+
+def test_llama_cpp_sentencepiece_space_after_special_tokens(tmp_path, spm_tokenizer):
+    """The known difference gguf.py warns about: after a special token llama.cpp inserts "▁" (its
+    add_space_prefix), transformers 5's Llama tokenizers (legacy=False) do not."""
+    llm, _ = llama_cpp_model(tmp_path, spm_tokenizer, spm_model(spm_tokenizer))
+    text = "Hi</s>Hello"
+    ours = spm_tokenizer(text)["input_ids"]
+    theirs = llm.tokenize(text.encode(), add_bos=True, special=True)
+    eos = ours.index(spm_tokenizer.eos_token_id)
+    assert theirs[:eos + 1] == ours[:eos + 1]
+    assert theirs[eos + 1:] != ours[eos + 1:]
+    assert spm_tokenizer.convert_ids_to_tokens(theirs[eos + 1:])[0].startswith("\u2581")
+    assert not spm_tokenizer.convert_ids_to_tokens(ours[eos + 1:])[0].startswith("\u2581")
+    llm.close()
