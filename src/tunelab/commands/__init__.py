@@ -6,9 +6,9 @@ from tunelab.commands.base import Command
 from tunelab.commands.evaluation import Board, Compare, Eval
 from tunelab.commands.inference import BenchInfer, Chat, Generate, Serve
 from tunelab.commands.review import Review
-from tunelab.commands.training import Dpo, Kfold, Merge, Quickstart, Reward, Rl, Train
+from tunelab.commands.training import Dpo, Kfold, Kto, Merge, Quickstart, Reward, Rl, Train
 
 COMMANDS: tuple[Command, ...] = (
-    Train(), Quickstart(), Eval(), Compare(), Board(), Kfold(), Reward(), Dpo(), Rl(), Merge(),
+    Train(), Quickstart(), Eval(), Compare(), Board(), Kfold(), Reward(), Dpo(), Kto(), Rl(), Merge(),
     Generate(), Chat(), Serve(), BenchInfer(), Review(),
 )

@@ -1,4 +1,4 @@
-"""`tunelab train | quickstart | kfold | reward | dpo | rl | merge`: the commands that train (or fold) a model."""
+"""`tunelab train | quickstart | kfold | reward | dpo | kto | rl | merge`: the commands that train (or fold) a model."""
 
 from __future__ import annotations
 
@@ -83,12 +83,17 @@ class Reward(RecipeCommand):
 
 class Dpo(RecipeCommand):
     name, stage, example = "dpo", "dpo", "recipes/dpo.yaml"
-    help = "direct preference optimisation (LoRA/QLoRA) on preference pairs"
+    help = "preference optimisation on pairs: DPO, or reference-free ORPO / SimPO (preference.method)"
+
+
+class Kto(RecipeCommand):
+    name, stage, example = "kto", "kto", "recipes/kto.yaml"
+    help = "learn from thumbs up/down (KTO) on rated answers or pairs split in two"
 
 
 class Rl(RecipeCommand):
     name, stage, example = "rl", "rl", "recipes/rl.yaml"
-    help = "online RL (trl RLOO) against a trained reward model, KL-controlled"
+    help = "online RL (trl RLOO or GRPO) against reward models and reward functions, KL-controlled"
 
 
 class Quickstart(Command):
