@@ -494,6 +494,10 @@ class PreferenceConfig(_Section):
         if self.rewards and self.reward_model:
             raise ValueError("reward_model: set either preference.reward_model or preference.rewards (which can "
                              "hold {reward_model: ...} with a weight), not both")
+        names = [spec.name for spec in self.rewards]
+        if len(set(names)) < len(names):
+            raise ValueError(f"rewards: two rewards are both called {next(n for n in names if names.count(n) > 1)!r}; "
+                             "each reward model run folder and each function can appear once")
         return self
 
 

@@ -1,24 +1,28 @@
-"""`tunelab rl RECIPE`: online RL of the policy against a trained reward model, KL-controlled.
+"""`tunelab rl RECIPE`: online RL of the policy against reward models and reward functions, KL-controlled.
 
-trl removed PPO; its online trainers are RLOO and GRPO. We use RLOO (Ahmadian et al. 2024): for
-each prompt it samples `num_generations` completions, scores them with the reward model, and
-baselines each on the mean reward of the *others*. That is sound with a learned reward model:
-the baseline removes the per-prompt offset a Bradley–Terry reward model leaves arbitrary, and
-trl 1.16 subtracts the KL penalty β·Σ_t (log π − log π_ref) from the reward itself, so the KL
-budget is paid in reward units, as in RLHF with PPO. GRPO would instead divide advantages by the
-group's reward std, which magnifies reward-model noise whenever a group's completions score
-alike, and puts the KL term in the loss rather than in the reward.
+For each prompt the trainer samples `num_generations` completions, scores each with
+preference.rewards — `tunelab reward` runs (rebuilt exactly as trained, scoring prompt + completion
+rendered with the chat template, as they were trained), built-in functions (exact_match, rouge,
+length, regex) or your own (`python:module:function`), summed with their weights
+(`evals/rewards.py`) — and moves the policy toward the better ones. preference.algorithm:
 
-The reward model is the `tunelab reward` run named by preference.reward_model, rebuilt exactly as
-trained (`models.reward_model.load_reward_model`); trl scores prompt + completion rendered with its chat
-template, as the reward model was trained. Per step, metrics.jsonl gets the mean reward and the
-KL to the reference (the starting policy); before/after, the mean reward of greedy completions
-for the validation prompts.
+- `rloo` (Ahmadian et al. 2024, the default): each completion is baselined on the mean reward of the
+  *others* for its prompt, which removes the per-prompt offset a Bradley–Terry reward model leaves
+  arbitrary; trl 1.16 subtracts the KL penalty β·Σ_t (log π − log π_ref) from the reward itself, so
+  the KL budget is paid in reward units, as in RLHF with PPO (trl removed PPO).
+- `grpo` (Shao et al. 2024): advantages are the rewards minus their group mean, divided by the
+  group's (or batch's) std (preference.scale_rewards), and the KL term sits in the loss; trl's loss
+  variants by preference.grpo_loss (dapo, grpo, dr_grpo, bnpo, cispo, sapo). Suited to verifiable
+  rewards (exact_match, a regex), where the std division is harmless; with a learned reward model it
+  magnifies reward-model noise whenever a group's completions score alike — RLOO is the default.
+
+The data: prompts with a reference answer (`data/preferences.load_prompts`): pairs (the chosen answer
+is the reference) or chat examples (the last assistant turn). Per step, metrics.jsonl gets the mean
+reward (and each reward's mean, for GRPO) and the KL to the reference (the starting policy);
+before/after, every reward of greedy completions for the validation prompts and their weighted sum.
 """
 
 from __future__ import annotations
-
-import torch
 
 from tunelab import lifecycle
 from tunelab.config import Config
@@ -28,14 +32,22 @@ from tunelab.lifecycle import Loaded, RunResult
 
 def check(cfg: Config) -> None:
     """What rl needs beyond the schema, before any model loads."""
+    from tunelab.evals.rewards import python_function
     from tunelab.models.reward_model import reward_run_problem
 
     p, t = cfg.preference, cfg.train
     problems = []
-    if not p.reward_model:
-        problems.append("preference.reward_model: required by tunelab rl; the run folder of `tunelab reward`")
-    elif problem := reward_run_problem(p.reward_model):
-        problems.append(problem)
+    if not p.reward_specs:
+        problems.append("preference.rewards: required by tunelab rl: the `tunelab reward` run folder "
+                        "(preference.reward_model) or reward functions, e.g. [exact_match, {reward_model: runs/rm}]")
+    for spec in p.reward_specs:
+        if spec.reward_model is not None and (problem := reward_run_problem(spec.reward_model)):
+            problems.append(problem)
+        elif spec.function is not None and spec.function.startswith("python:"):
+            try:
+                python_function(spec.function)
+            except TunelabError as err:
+                problems.append(str(err))
     if (t.batch_size * t.grad_accum) % p.num_generations:
         problems.append(f"train.batch_size: batch_size × grad_accum ({t.batch_size} × {t.grad_accum}) counts "
                         f"completions and must be a multiple of preference.num_generations={p.num_generations}")
@@ -49,56 +61,59 @@ def check(cfg: Config) -> None:
         raise TunelabError("invalid config for tunelab rl:\n  - " + "\n  - ".join(problems))
 
 
-def build(cfg: Config, loaded: Loaded, args_for, callbacks):
-    from trl import RLOOConfig, RLOOTrainer
+def load(cfg: Config, sharded: bool = False) -> Loaded:
+    from tunelab.data.preferences import load_prompts
+    from tunelab.models.build import load_tokenizer
+    from tunelab.models.loading import resolve
 
+    tokenizer = load_tokenizer(resolve(cfg.model.name), cfg.model.chat_template)
+    return Loaded(tokenizer, load_prompts(cfg, tokenizer))
+
+
+def build(cfg: Config, loaded: Loaded, args_for, callbacks):
+    from tunelab.evals.rewards import build_rewards
     from tunelab.models.build import load_policy
-    from tunelab.models.reward_model import load_reward_model
 
     p = cfg.preference
-    reward_model, reward_tokenizer = load_reward_model(p.reward_model)
+    rewards = build_rewards(p.reward_specs)
     model, peft_config = load_policy(cfg, loaded.tokenizer)
-    args = args_for(RLOOConfig, beta=p.kl_coef, num_generations=p.num_generations,
-                    max_completion_length=p.max_new_tokens, temperature=p.temperature, remove_unused_columns=False)
-    return RLOOTrainer(
-        model=model, reward_funcs=reward_model, args=args, train_dataset=loaded.data.train.select_columns(["prompt"]),
-        processing_class=loaded.tokenizer, reward_processing_classes=reward_tokenizer, callbacks=callbacks,
+    common = {"beta": p.kl_coef, "num_generations": p.num_generations, "max_completion_length": p.max_new_tokens,
+              "temperature": p.temperature, "remove_unused_columns": False, "reward_weights": rewards.weights}
+    if p.algorithm == "rloo":
+        from trl import RLOOConfig as config_class, RLOOTrainer as trainer_class
+    else:
+        from trl import GRPOConfig as config_class, GRPOTrainer as trainer_class
+
+        common.update(loss_type=p.grpo_loss, scale_rewards=p.scale_rewards)
+    return trainer_class(
+        model=model, reward_funcs=rewards.funcs, args=args_for(config_class, **common), train_dataset=loaded.data.train,
+        processing_class=loaded.tokenizer, reward_processing_classes=rewards.processing_classes, callbacks=callbacks,
         peft_config=peft_config,
     )
 
 
-@torch.no_grad()
-def rewards(trainer, prompts: list[list[dict]], completions: list[str], batch_size: int) -> torch.Tensor:
-    """The reward model's score of each prompt + completion, rendered as RLOO renders them."""
-    from trl.data_utils import apply_chat_template
-
-    model, tokenizer = trainer.reward_funcs[0], trainer.reward_processing_classes[0]
-    texts = [apply_chat_template({"messages": p + [{"role": "assistant", "content": c}]}, tokenizer)["text"]
-             for p, c in zip(prompts, completions)]
-    scores = []
-    for start in range(0, len(texts), batch_size):
-        inputs = tokenizer(text=texts[start : start + batch_size], return_tensors="pt", padding=True,
-                           padding_side="right", add_special_tokens=False).to(model.device)
-        scores.append(model(**inputs).logits[:, 0].float().cpu())
-    return torch.cat(scores)
-
-
 def measure(trainer, cfg: Config, loaded: Loaded, label: str) -> tuple[dict, list[dict]]:
     from tunelab.evals.generation import generation_eval
+    from tunelab.evals.rewards import Rewards, score
 
     examples = loaded.data.generation_rows()
     task, rows = generation_eval(
         trainer.model, trainer.processing_class, examples, cfg.eval.generation_samples, cfg.eval.metrics,
         cfg.preference.max_new_tokens, cfg.eval.batch_size, desc=f"generating ({label})",
     )
+    rewards = Rewards(trainer.reward_funcs, trainer.reward_processing_classes, trainer.reward_weights.tolist(),
+                      [spec.name for spec in cfg.preference.reward_specs])  # what the trainer scores with
     prompts = [example["messages"][:-1] for example in examples[: len(rows)]]
-    scores = rewards(trainer, prompts, [row["prediction"] for row in rows], cfg.eval.batch_size)
-    return {"reward": scores.mean().item(), **task}, rows
+    references = [example["messages"][-1]["content"] for example in examples[: len(rows)]]
+    scores = score(rewards, prompts, [row["prediction"] for row in rows], references, cfg.eval.batch_size)
+    means = {name: sum(values) / len(values) for name, values in scores.items()}
+    total = sum(w * means[name] for w, name in zip(rewards.weights, rewards.names))
+    return {"reward": total, **({f"reward/{name}": v for name, v in means.items()} if len(means) > 1 else {}), **task}, rows
 
 
 STAGE = lifecycle.Stage(
     name="rl",
-    load=lifecycle.load_pairs,
+    load=load,
     build=build,
     measure=measure,
     perplexity=False,
