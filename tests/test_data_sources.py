@@ -337,3 +337,44 @@ def test_real_subset_copy_loads(data, tmp_path, load):
     shutil.copy(data / "samsum" / "validation.jsonl", tmp_path / "validation.jsonl")
     _, stats = load(tmp_path, "samsum")
     assert stats["rows"] == {"train": 2000, "validation": 814}
+
+
+# Copies, duplicates and wrong columns (issue 15, items 7 and 13)
+
+
+def test_a_copy_of_a_split_file_is_refused_unless_listed(tmp_path, load):
+    rows = [{"dialogue": f"A: hi {i}", "summary": f"s {i}"} for i in range(6)]
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    shutil.copy(tmp_path / "train.jsonl", tmp_path / "train_copy.jsonl")
+    with pytest.raises(TunelabError, match=r"2 files claim the train split \(train.jsonl, train_copy.jsonl\), and they "
+                                           r"are not numbered shards.*data.splits=\{train: \[train.jsonl, train_copy.jsonl\]\}"):
+        find_splits(str(tmp_path))
+    examples, stats = load(tmp_path, "samsum", splits={"train": ["train.jsonl", "train_copy.jsonl"]})
+    assert stats["rows"] == {"train": 12}
+    with pytest.raises(TunelabError, match=r"data.splits.validation: no such file: .*val.jsonl"):
+        find_splits(str(tmp_path), {"validation": ["val.jsonl"]})
+
+
+def test_duplicates_are_counted_within_and_across_splits(tmp_path, load, caplog):
+    from tunelab.data.prepare import duplicates
+
+    rows = [{"dialogue": f"A: hi {i}", "summary": f"s {i}"} for i in range(5)]
+    write_jsonl(tmp_path / "train.jsonl", rows + rows[:2])
+    write_jsonl(tmp_path / "validation.jsonl", rows[1:3])
+    shutil.copy(tmp_path / "train.jsonl", tmp_path / "test.jsonl")
+    examples, _ = load(tmp_path, "samsum")
+    with caplog.at_level(logging.WARNING, logger="tunelab.data.prepare"):
+        found = duplicates([examples["train"]], [examples["validation"]], [examples["test"]])
+    assert found == {"train": 2, "validation": 0, "test": 2, "validation_in_train": 2, "test_in_train": 7,
+                     "test_in_validation": 3}
+    assert "7 of 7 test samples also appear in train (every one: are the two files the same?)" in caplog.text
+    assert "2 of 7 train samples are exact duplicates of others in train" in caplog.text
+
+
+def test_a_csv_with_the_wrong_columns_lists_its_columns(tmp_path, load):
+    path = tmp_path / "d.csv"
+    path.write_text("id,text,label\n1,hello,x\n2,bye,y\n")
+    with pytest.raises(TunelabError) as error:
+        load(path, "samsum", bad_rows="skip")
+    assert "has the columns id, text, label; format 'samsum' reads dialogue, summary (no dialogue, summary)" in str(error.value)
+    assert "bad_rows" not in str(error.value)

@@ -166,6 +166,18 @@ def message_problems(column: str, messages: list, last_role: str) -> list[str]:
     return []
 
 
+def without_nulls(value: object) -> object:
+    """`value` without the dict keys that are null, at any depth. Tool arguments and definitions that
+    come as Arrow structs (a Hub dataset, `Dataset.from_list`) carry the union of every row's keys,
+    the missing ones null (one schema per column); a template would print those nulls. JSON-string
+    arguments (OpenAI's own form) are kept as written."""
+    if isinstance(value, dict):
+        return {k: without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [without_nulls(v) for v in value]
+    return value
+
+
 def tool_calls_json(calls: object, where: str) -> str:
     """OpenAI tool calls ([{type, function: {name, arguments}}], or [{name, arguments}]; arguments a
     dict or a JSON string; one call may come alone) → the JSON string of [{name, arguments: dict}]
@@ -182,6 +194,8 @@ def tool_calls_json(calls: object, where: str) -> str:
                 arguments = json.loads(arguments) if arguments.strip() else {}
             except ValueError:
                 raise ValueError(f"{where} tool call {k} ({call['name']}): arguments are not valid JSON") from None
+        elif isinstance(arguments, dict):
+            arguments = without_nulls(arguments)
         if not isinstance(arguments, dict):
             raise ValueError(f"{where} tool call {k} ({call['name']}): arguments should be an object")
         out.append({"name": call["name"], "arguments": arguments})
@@ -197,6 +211,8 @@ def tools_json(tools: object, column: str) -> str | None:
             tools = json.loads(tools)
         except ValueError:
             raise ValueError(f"field '{column}' is not valid JSON") from None
+    else:
+        tools = without_nulls(tools)
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
         raise ValueError(f"field '{column}' should be a list of tool definitions (JSON schema objects)")
     return json.dumps(tools, ensure_ascii=False)

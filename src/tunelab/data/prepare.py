@@ -16,7 +16,6 @@ import hashlib
 import itertools
 import json
 import logging
-import operator
 import os
 from dataclasses import dataclass, field
 
@@ -134,6 +133,10 @@ def _tokenize(row: dict, index: int, tokenizer, train_on: str, fit_length: int |
     return out
 
 
+def _usable(length: int, loss_tokens: int, max_length: int) -> bool:
+    return 0 < length <= max_length and loss_tokens > 0
+
+
 def tokenize(examples: Dataset, tokenizer, cfg: DataConfig, name: str) -> tuple[Dataset, dict]:
     """Tokenize with loss masks and apply the overlong policy; returns rows and what was dropped.
 
@@ -149,25 +152,22 @@ def tokenize(examples: Dataset, tokenizer, cfg: DataConfig, name: str) -> tuple[
         num_proc=procs,
         desc=f"tokenizing {name}",
     )
-    # Under `truncate`, a sample that could not fit comes back empty (length 0, no loss tokens).
-    overlong = sum(n > cfg.max_length for n in column(rows, "length"))
+    # Under `truncate`, a sample that could not fit comes back empty (length 0): overlong too.
+    lengths, loss = column(rows, "length"), column(rows, "loss_tokens")
+    overlong = sum(not 0 < n <= cfg.max_length for n in lengths)
+    empty = sum(0 < n <= cfg.max_length and not k for n, k in zip(lengths, loss))
+    if overlong or empty:
+        rows = rows.filter(functools.partial(_usable, max_length=cfg.max_length), input_columns=["length", "loss_tokens"],
+                           desc=f"dropping {name} samples that are too long or have no loss tokens")
     if overlong:
-        rows = rows.filter(
-            functools.partial(operator.ge, cfg.max_length), input_columns="length", desc=f"dropping overlong {name}"
-        )
         log.warning(
-            "%s: %d of %d samples are longer than data.max_length=%d tokens and were dropped "
-            "(raise data.max_length, or set data.overlong=truncate to shorten their prompts)",
-            name, overlong, len(examples), cfg.max_length,
+            "%s: %d of %d samples are longer than data.max_length=%d tokens and were dropped (%s)", name, overlong,
+            len(examples), cfg.max_length, "their completion alone does not fit; raise data.max_length" if fit else
+            "raise data.max_length, or set data.overlong=truncate to shorten their prompts",
         )
-    empty = sum(n == 0 for n in column(rows, "loss_tokens"))
     if empty:
-        rows = rows.filter(bool, input_columns="loss_tokens", desc=f"dropping {name} rows without loss")
-        log.warning(
-            "%s: %d samples were dropped: nothing to learn from (an empty completion, no turn that "
-            "data.train_on=%s chooses, or a completion that alone exceeds data.max_length=%d)",
-            name, empty, cfg.train_on, cfg.max_length,
-        )
+        log.warning("%s: %d samples were dropped: nothing to learn from (an empty completion, or no turn that "
+                    "data.train_on=%s chooses)", name, empty, cfg.train_on)
     truncated = 0
     if fit:
         truncated = sum(column(rows, "truncated"))
