@@ -2,38 +2,25 @@
 
 from __future__ import annotations
 
-import torch
 from tqdm.auto import tqdm
 
 from tunelab.data.templates import prompt_text
-from tunelab.errors import TunelabError
 
 
-@torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, desc: str = "generating") -> list[str]:
-    """Greedy completions of `model` itself — a training model's current weights (put in eval
-    mode for the call, then back), peft-wrapped or not, no second copy — through the paged
-    engine (`tunelab.inference`), sized to this workload. Architectures the engine does not run
-    fall back to `generate()` on padded batches of `batch_size`."""
-    from tunelab.inference.backends import build_engine
+    """Greedy completions of `model` itself — a training model's current weights (eval mode for
+    the call, then back), peft-wrapped or not, no second copy — through the paged engine
+    (`tunelab.inference`). Architectures the engine does not run fall back to `generate()` on
+    padded batches of `batch_size`."""
     from tunelab.inference.base import SamplingParams
+    from tunelab.inference.offline import generate_with
 
     if not prompts:
         return []
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    demand = sum(len(i) + max_new_tokens for i in ids)
-    was_training = model.training
-    model.eval()
-    engine = build_engine("paged", model, tokenizer, demand_tokens=demand, max_batch=batch_size)
-    try:
-        with tqdm(total=len(ids), desc=desc, leave=False) as bar:
-            done = engine.generate(ids, SamplingParams(max_new_tokens=max_new_tokens), progress=bar)
-    finally:
-        engine.close()
-        model.train(was_training)
-    failed = next((c.error for c in done if c.error), None)
-    if failed:
-        raise TunelabError(f"generation failed: {failed}")
+    with tqdm(total=len(ids), desc=desc, leave=False) as bar:
+        done = generate_with(model, tokenizer, ids, SamplingParams(max_new_tokens=max_new_tokens), batch_size=batch_size,
+                             progress=bar)
     return [c.text.strip() for c in done]
 
 

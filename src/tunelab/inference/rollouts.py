@@ -20,24 +20,10 @@ from tunelab.inference.base import SamplingParams
 
 
 def rollouts(model, tokenizer, prompt_ids: list[list[int]], params: list[SamplingParams]) -> list[list[int]]:
-    """One sampled completion per prompt from `model` as it is now (eval mode for the call)."""
-    from tunelab.inference.backends import build_engine
+    """One sampled completion per prompt from `model` as it is now."""
+    from tunelab.inference.offline import generate_with
 
-    was_training = model.training
-    model.eval()
-    demand = sum(len(p) + sp.max_new_tokens for p, sp in zip(prompt_ids, params))
-    engine = build_engine("paged", model, tokenizer, demand_tokens=demand, max_batch=len(prompt_ids))
-    try:
-        with torch.no_grad():
-            handles = engine.submit_many(prompt_ids, params)
-            done = [engine.collect(h) for h in handles]
-    finally:
-        engine.close()
-        model.train(was_training)
-    failed = next((c.error for c in done if c.error), None)
-    if failed:
-        raise RuntimeError(f"rollout generation failed: {failed}")
-    return [c.token_ids for c in done]
+    return [c.token_ids for c in generate_with(model, tokenizer, prompt_ids, params)]
 
 
 def engine_can_roll_out(trainer, images, multimodal_fields) -> bool:

@@ -36,6 +36,7 @@ class Sequence:
     row: int = -1  # its row of the block-table array while it holds blocks
     done: bool = False  # finished or cancelled; a step in flight may still compute its row
     drawn: int = 0  # generated tokens read back (the rest of `tokens` are placeholders)
+    preempted: bool = False  # has been preempted (and so is recomputed) at least once
 
     @property
     def params(self):
@@ -163,8 +164,9 @@ class Scheduler:
             new = seq.row < 0
             if new and len(self.running) >= self.max_seqs:
                 break
-            room = (len(seq.blocks) + self.pool.free - (self.watermark if new and self.running else 0)) * self.pool.page
-            length = min(seq.pending, budget, room - seq.computed)
+            if new and self.running and not self._admissible(seq):
+                break
+            length = min(seq.pending, budget, (len(seq.blocks) + self.pool.free) * self.pool.page - seq.computed)
             if length <= 0 or (gather and gather + seq.computed + length > self.max_gather):
                 break
             if new:
@@ -177,10 +179,28 @@ class Scheduler:
             gather += seq.computed + length
         return chunks, num_decode
 
+    def _admissible(self, seq: Sequence) -> bool:
+        """Room to let `seq` in beside the running ones: its whole prompt (a part admitted now would
+        be preempted, its compute lost, as soon as a running sequence needs a block), with a block
+        to spare per running sequence (vLLM keeps 1 % of the pool; each decoder may need one any
+        step); a preempted sequence waits for room to reach its token limit, or it would be
+        recomputed again."""
+        tokens = len(seq.tokens)
+        if seq.preempted:
+            tokens += seq.handle.params.max_new_tokens - seq.drawn
+        return self.pool.blocks_for(tokens) + max(self.watermark, len(self.running)) <= self.pool.free
+
+    def _ends_in_its_blocks(self, seq: Sequence) -> bool:
+        """Decoding, and its blocks already hold it to its token limit."""
+        end = len(seq.tokens) + seq.handle.params.max_new_tokens - seq.drawn
+        return seq.row >= 0 and len(seq.tokens) - seq.computed == 1 and end <= len(seq.blocks) * self.pool.page
+
     def _make_room(self, seq: Sequence, tokens: int) -> bool:
         """Blocks for `seq` to hold `tokens`, preempting the newest running sequences while the
         pool is short; False when `seq` itself was the one to go."""
         need = self.pool.blocks_for(tokens) - len(seq.blocks)
+        if need > self.pool.free and any(self._ends_in_its_blocks(s) for s in self.running if s is not seq):
+            return False  # wait a step or few: a sequence that needs no more blocks will end and free its own
         while need > self.pool.free:
             if self._preempt_newest() is seq:
                 return False
@@ -199,6 +219,7 @@ class Scheduler:
         seq = self.running.pop()
         self._release(seq)
         seq.computed = 0
+        seq.preempted = True
         self.waiting.appendleft(seq)
         self.preemptions += 1
         return seq
