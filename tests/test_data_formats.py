@@ -104,12 +104,10 @@ def test_custom_messages_mapping_validates_roles_and_last_turn():
     data_format = get_format("custom", {"messages": "conv"})
     good = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello", "name": "bot"}]
     assert data_format.problems({"conv": good}) == []
-    plain = {"tool_calls": None}  # every message has the same keys, so Arrow keeps one schema
-    assert data_format.convert({"conv": good}) == {
-        "messages": [{**good[0], **plain}, {"role": "assistant", "content": "Hello", **plain}], "tools": None}
+    assert data_format.convert({"conv": good}) == {"messages": [good[0], {"role": "assistant", "content": "Hello"}]}
     assert data_format.problems({"conv": good[:1]}) == ["field 'conv' does not end with an assistant message"]
     assert data_format.problems({"conv": [{"role": "bot", "content": "x"}]}) == [
-        "field 'conv' item 1 has role 'bot'; allowed: system, user, assistant, tool"
+        "field 'conv' item 1 has role 'bot'; allowed: system, user, assistant"
     ]
     assert data_format.problems({"conv": [*good, {"role": "assistant", "content": 1}]}) == [
         "field 'conv' item 3 content should be a string, got int"

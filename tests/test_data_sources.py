@@ -227,8 +227,8 @@ def test_custom_messages_column_with_num_proc(tmp_path, load):
         str(path), get_format("custom", {"messages": "conv"}), num_proc=2, cache_dir=str(tmp_path / "c")
     )
     assert examples["train"][7]["messages"] == [
-        {"role": "user", "content": "Hi 7", "tool_calls": None},
-        {"role": "assistant", "content": "Hello 7", "tool_calls": None},
+        {"role": "user", "content": "Hi 7"},
+        {"role": "assistant", "content": "Hello 7"},
     ]
 
 

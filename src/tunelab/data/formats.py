@@ -155,7 +155,8 @@ def message_problems(column: str, messages: list, last_role: str) -> list[str]:
         if not isinstance(message, dict):
             return [f"{field} item {i} should be a {{role, content}} object, got {type(message).__name__}"]
         if message.get("role") not in ROLES:
-            return [f"{field} item {i} has role {message.get('role')!r}; allowed: {', '.join(ROLES)}"]
+            tools = " (tool turns: data.format=messages)" if message.get("role") == "tool" else ""
+            return [f"{field} item {i} has role {message.get('role')!r}; allowed: {', '.join(ROLES)}{tools}"]
         content = message.get("content")
         if not isinstance(content, str):
             return [f"{field} item {i} content should be a string, got {type(content).__name__}"]
@@ -176,6 +177,29 @@ def without_nulls(value: object) -> object:
     if isinstance(value, list):
         return [without_nulls(v) for v in value]
     return value
+
+
+@dataclass(frozen=True)
+class PlainMessages(Format):
+    """A column that already holds the conversation as a list of {role, content} dicts, without
+    tool turns (custom with {messages: column}; tool calls: the `messages` format)."""
+
+    name: str
+    column: str
+
+    @property
+    def required(self) -> dict[str, type]:
+        return {self.column: list}
+
+    @property
+    def optional(self) -> dict[str, type]:
+        return {}
+
+    def content_problems(self, row: dict) -> list[str]:
+        return message_problems(self.column, row[self.column], last_role="assistant")
+
+    def convert(self, row: dict) -> dict:
+        return {"messages": [{"role": m["role"], "content": m["content"]} for m in row[self.column]]}
 
 
 def tool_calls_json(calls: object, where: str) -> str:
@@ -514,8 +538,10 @@ FORMATS: dict[str, Format] = {
 def custom_format(fields: dict[str, str] | None) -> Format:
     """`{prompt, completion, system?}` or `{messages}` mapping the format's keys to the data's columns."""
     keys = set(fields or {})
-    if {"messages"} <= keys <= {"messages", "tools"}:
-        return Messages("custom", column=fields["messages"], tools=fields.get("tools"))
+    if keys == {"messages"}:
+        return PlainMessages("custom", column=fields["messages"])
+    if keys == {"messages", "tools"}:
+        return Messages("custom", column=fields["messages"], tools=fields["tools"])
     if {"prompt", "completion"} <= keys <= {"prompt", "completion", "system"}:
         return PromptCompletion("custom", fields["prompt"], fields["completion"], system=fields.get("system"))
     if {"prompt", "chosen", "rejected"} <= keys <= {"prompt", "chosen", "rejected", "system"}:
