@@ -269,17 +269,21 @@ def start_server(args, port: int, log) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE.parent / "src"), os.environ.get("PYTHONPATH")]))}
     server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise SystemExit(f"the server exited ({server.returncode}):\n{Path(log.name).read_text()}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    server.kill()
-    raise SystemExit("the server did not answer /health within 300 s")
+    try:
+        while time.monotonic() < deadline:
+            if server.poll() is not None:
+                raise SystemExit(f"the server exited ({server.returncode}):\n{Path(log.name).read_text()}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    return server
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise SystemExit("the server did not answer /health within 300 s")
+    except BaseException:  # Ctrl-C included: never leave the server behind
+        server.kill()
+        server.wait()
+        raise
 
 
 def summary(soak: Soak, startup_s: float, server_log: str, args) -> dict:
