@@ -39,6 +39,7 @@ class Prefill:
     slots: torch.Tensor
     q_lens: list[int]
     k_lens: list[int]
+    masks: list[torch.Tensor] | None = None  # the torch reference's causal masks, made once a step
 
 
 @dataclass
@@ -54,6 +55,7 @@ class AttentionContext:
     context_lens: torch.Tensor | None
     prefill: Prefill | None
     fast: bool  # Triton decode + varlen prefill (CUDA, 16-bit); else the torch references
+    index: tuple | None = None  # the torch reference's decode gather (slots, mask), made once a step
 
 
 context: AttentionContext | None = None
@@ -76,11 +78,13 @@ def attend(layer: int, q: torch.Tensor, scale: float, k: torch.Tensor | None = N
     if k is not None:
         write_kv(cache, k, v, ctx.slots)
     n = ctx.num_decode
+    if n and not ctx.fast and ctx.index is None:
+        ctx.index = decode_index(ctx.block_tables, ctx.context_lens, cache.shape[2])
     if ctx.prefill is None:
-        return decode(q, cache, ctx.block_tables, ctx.context_lens, scale, ctx.fast)
+        return decode(q, cache, ctx.block_tables, ctx.context_lens, scale, ctx.fast, ctx.index)
     out = torch.empty_like(q)
     if n:
-        out[:n] = decode(q[:n], cache, ctx.block_tables, ctx.context_lens, scale, ctx.fast)
+        out[:n] = decode(q[:n], cache, ctx.block_tables, ctx.context_lens, scale, ctx.fast, ctx.index)
     out[n:] = prefill(q[n:], cache, ctx.prefill, scale, ctx.fast)
     return out
 
@@ -105,23 +109,28 @@ def register() -> None:
 
 
 # -- decode ---------------------------------------------------------------------------------
-def decode(q, cache, block_tables, context_lens, scale: float, fast: bool) -> torch.Tensor:
+def decode(q, cache, block_tables, context_lens, scale: float, fast: bool, index=None) -> torch.Tensor:
     """q (B, Hq, D) against each row's context in the pool → (B, Hq, D)."""
     if fast:
         from tunelab.inference.triton_ops import paged_decode
 
         return paged_decode(q, cache, block_tables, context_lens, scale)
-    return reference_decode(q, cache, block_tables, context_lens, scale)
+    return reference_decode(q, cache, block_tables, context_lens, scale, index)
 
 
-def reference_decode(q, cache, block_tables, context_lens, scale: float) -> torch.Tensor:
-    """Gather every row's keys and values (padded to the longest context) and run masked sdpa."""
-    page = cache.shape[2]
+def decode_index(block_tables, context_lens, page: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pool slots of every row's context, padded to the longest (B, L), and which are real
+    (B, 1, 1, L): the same for every layer of a step."""
     longest = int(context_lens.max())
-    pos = torch.arange(longest, device=q.device)
-    slots = block_tables[:, pos // page].long() * page + pos % page  # (B, L)
+    pos = torch.arange(longest, device=context_lens.device)
+    slots = block_tables[:, pos // page].long() * page + pos % page
+    return slots, (pos[None, :] < context_lens[:, None])[:, None, None, :]
+
+
+def reference_decode(q, cache, block_tables, context_lens, scale: float, index=None) -> torch.Tensor:
+    """Gather every row's keys and values (padded to the longest context) and run masked sdpa."""
+    slots, mask = index or decode_index(block_tables, context_lens, cache.shape[2])
     keys, values = (_flat(cache[i])[slots].transpose(1, 2) for i in (0, 1))  # (B, Hkv, L, D)
-    mask = (pos[None, :] < context_lens[:, None])[:, None, None, :]  # (B, 1, 1, L)
     out = F.scaled_dot_product_attention(q[:, :, None, :], keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
     return out[:, :, 0, :]
 
@@ -138,9 +147,10 @@ def prefill(q, cache, p: Prefill, scale: float, fast: bool) -> torch.Tensor:
 def reference_prefill(q, keys, values, p: Prefill, scale: float) -> torch.Tensor:
     """One sequence at a time: sdpa with the causal mask aligned to the end of the context."""
     out = torch.empty_like(q)
+    if p.masks is None:  # query i of a chunk sees keys ≤ kl − ql + i
+        p.masks = [torch.ones(ql, kl, dtype=torch.bool, device=q.device).tril(kl - ql) for ql, kl in zip(p.q_lens, p.k_lens)]
     qa = ka = 0
-    for ql, kl in zip(p.q_lens, p.k_lens):
-        mask = torch.ones(ql, kl, dtype=torch.bool, device=q.device).tril(kl - ql)  # query i sees keys ≤ kl-ql+i
+    for ql, kl, mask in zip(p.q_lens, p.k_lens, p.masks):
         qs, ks, vs = q[qa : qa + ql].transpose(0, 1), keys[ka : ka + kl].transpose(0, 1), values[ka : ka + kl].transpose(0, 1)
         out[qa : qa + ql] = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale,
                                                            enable_gqa=True).transpose(0, 1)

@@ -162,6 +162,7 @@ class ModelRunner:
 
     def _logits(self, ctx: AttentionContext, ids, positions, rows) -> torch.Tensor:
         """ids, positions (T,) → logits of the rows `rows` (S,) (None: all T)."""
+        ctx.index = None  # a captured step's context is reused: no gather index from the call before
         attention.context = ctx
         try:
             with self._attention_named():
