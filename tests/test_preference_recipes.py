@@ -1,4 +1,4 @@
-"""reward.yaml, dpo.yaml and rl.yaml each train one step on a tiny Llama over their real data in ../shared/data."""
+"""reward.yaml, dpo.yaml, kto.yaml and rl.yaml each train one step on a tiny Llama over their real data in ../shared/data."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import pytest
 
 from tests.conftest import REPO, shared_data
 from tunelab.config import load_config
-from tunelab.stages import dpo, reward, rl
+from tunelab.stages import dpo, kto, reward, rl
 
-DATA = {"reward.yaml": "hh_rlhf_harmless_base", "dpo.yaml": "hh_rlhf_harmless_base", "rl.yaml": "hh_rlhf_harmless_base"}
+DATA = {"reward.yaml": "hh_rlhf_harmless_base", "dpo.yaml": "hh_rlhf_harmless_base", "rl.yaml": "hh_rlhf_harmless_base",
+        "kto.yaml": "hh_rlhf_harmless_base"}
 """The preference recipes (tests/test_recipes.py covers the SFT ones) and their folders in ../shared/data."""
 
 
@@ -42,6 +43,12 @@ def test_dpo_recipe(tmp_path, tiny_model_dir):
     summary = dpo.run(_cfg("dpo.yaml", tmp_path, tiny_model_dir, "train.batch_size=1", "eval.batch_size=2")).summary
     assert summary["train"]["steps"] == 1 and summary["data"]["format"] == "hh_rlhf"
     assert {"loss", "reward_accuracy", "reward_margin", "logp_accuracy", "rouge_l"} <= set(summary["eval"]["after"])
+
+
+def test_kto_recipe(tmp_path, tiny_model_dir):
+    summary = kto.run(_cfg("kto.yaml", tmp_path, tiny_model_dir, "train.batch_size=2", "eval.batch_size=2")).summary
+    assert summary["train"]["steps"] == 1 and summary["data"]["train_ratings"] == 2 * summary["data"]["train_pairs"]
+    assert {"reward_auc", "reward_gap", "logp_auc", "rouge_l"} <= set(summary["eval"]["after"])
 
 
 def test_rl_recipe(tmp_path, tiny_model_dir, reward_run):

@@ -1,6 +1,6 @@
 """The review app in a real browser (Debian's Chromium, headless, driven by Playwright): sign in,
 rank and score a rubric with the keyboard shortcuts, watch the admin progress view change, and
-forms from another port of the same host change nothing."""
+forms from another port of the same host change nothing; give thumbs up/down with the keyboard."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import select
 
 from tests.review_support import live_server, make_project
-from tunelab.review.store import Ranking, Score
+from tunelab.review.store import Ranking, Rating, Score
 
 CHROMIUM = "/usr/bin/chromium"
 
@@ -156,3 +156,26 @@ def test_forms_from_another_port_change_nothing(browser, tmp_path):
         assert not errors
     with store.read() as s:
         assert len(s.scalars(select(Ranking)).all()) == 3
+
+
+def test_thumbs_with_the_keyboard(browser, tmp_path):
+    """A rate item: Y / N mark the highlighted answer and move on, ↑ goes back to change one, Enter saves."""
+    store, tokens = make_project(f"sqlite:///{tmp_path / 'r.db'}", tmp_path, items=1, k=3, per_item=1,
+                                 reviewers=2, kinds=("rate",))
+    with live_server(store) as url:
+        page, errors = _sign_in(browser, url, tokens["r1"])
+        page.click("#next")
+        page.wait_for_url("**/assignments/*")
+        for key in ("y", "n", "-", "ArrowUp", "+"):  # A up, B down, C down (the cursor stays on the last), ↑ to B: up
+            page.keyboard.press(key)
+        by_label = {c.get_attribute("data-label"): c.query_selector("input:checked").get_attribute("value")
+                    for c in page.query_selector_all(".rate-card")}
+        assert by_label == {"A": "up", "B": "up", "C": "down"}
+        names = {c.get_attribute("data-label"): int(c.query_selector("input").get_attribute("name")[5:])
+                 for c in page.query_selector_all(".rate-card")}
+        with page.expect_navigation():
+            page.keyboard.press("Enter")
+        assert "Nothing left for you" in page.inner_text("#notice") and not errors
+    with store.read() as s:
+        saved = {r.output_id: r.up for r in s.scalars(select(Rating))}
+    assert saved == {names["A"]: True, names["B"]: True, names["C"]: False}
