@@ -99,7 +99,8 @@ def test_openai_messages_through_the_pipeline_keep_each_calls_own_arguments(tmp_
     for i, (fn, args) in enumerate([("get_weather", {"city": "Paris"}), ("search", {"query": "tides", "limit": 3})] * 3):
         rows.append({"messages": [
             {"role": "user", "content": f"Question {i}?"},
-            {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {"name": fn, "arguments": args}}]},
+            {"role": "assistant", "content": None,
+             "tool_calls": [{"type": "function", "function": {"name": fn, "arguments": args}}]},
             {"role": "tool", "content": f"result {i}"},
             {"role": "assistant", "content": f"Answer {i}."},
         ]})

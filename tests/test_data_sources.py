@@ -347,7 +347,8 @@ def test_a_copy_of_a_split_file_is_refused_unless_listed(tmp_path, load):
     write_jsonl(tmp_path / "train.jsonl", rows)
     shutil.copy(tmp_path / "train.jsonl", tmp_path / "train_copy.jsonl")
     with pytest.raises(TunelabError, match=r"2 files claim the train split \(train.jsonl, train_copy.jsonl\), and they "
-                                           r"are not numbered shards.*data.splits=\{train: \[train.jsonl, train_copy.jsonl\]\}"):
+                                           r"are not numbered shards.*"
+                                           r"data.splits=\{train: \[train.jsonl, train_copy.jsonl\]\}"):
         find_splits(str(tmp_path))
     examples, stats = load(tmp_path, "samsum", splits={"train": ["train.jsonl", "train_copy.jsonl"]})
     assert stats["rows"] == {"train": 12}
@@ -376,5 +377,6 @@ def test_a_csv_with_the_wrong_columns_lists_its_columns(tmp_path, load):
     path.write_text("id,text,label\n1,hello,x\n2,bye,y\n")
     with pytest.raises(TunelabError) as error:
         load(path, "samsum", bad_rows="skip")
-    assert "has the columns id, text, label; format 'samsum' reads dialogue, summary (no dialogue, summary)" in str(error.value)
-    assert "bad_rows" not in str(error.value)
+    message = str(error.value)
+    assert "has the columns id, text, label; format 'samsum' reads dialogue, summary (no dialogue, summary)" in message
+    assert "bad_rows" not in message

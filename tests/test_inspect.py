@@ -25,7 +25,8 @@ TEMPLATES = {  # each breaks one thing that response-only training relies on
                            "{{ messages[loop.index0 - 1].content }}\n{{ m.content }}{{ eos_token }}\n"
                            "{% else %}### User:\n{{ m.content }}\n{% endif %}{% endfor %}"
                            "{% if add_generation_prompt %}{% endif %}"),
-    "assistant markers": "{% for m in messages %}{{ m.content }}{% if m.role == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}",
+    "assistant markers": ("{% for m in messages %}{{ m.content }}{% if m.role == 'assistant' %}{{ eos_token }}"
+                          "{% endif %}\n{% endfor %}"),
     "stop token": ("{% for m in messages %}{% if m.role == 'user' %}### User:\n{{ m.content }}\n\n{% else %}"
                    "### Assistant:\n{{ m.content }}\n\n{% endif %}{% endfor %}"
                    "{% if add_generation_prompt %}### Assistant:\n{% endif %}"),

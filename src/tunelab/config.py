@@ -191,12 +191,13 @@ class DataConfig(_Section):
         """The sources to read, each with its format, fields, subset and name filled in: `data.sources`,
         or `data.source` as a mixture of one."""
         if not self.sources:
-            return [SourceConfig(source=self.source or "", format=self.format, fields=self.fields, subset=self.subset,
-                                 splits=self.splits, max_samples=self.max_train_samples, name=source_name(self.source or ""))]
+            source = self.source or ""
+            return [SourceConfig(source=source, format=self.format, fields=self.fields, subset=self.subset,
+                                 splits=self.splits, max_samples=self.max_train_samples, name=source_name(source))]
         return [SourceConfig(
             source=s.source, format=s.format or self.format, fields=s.fields if s.format else (s.fields or self.fields),
-            subset=s.subset or self.subset, splits=s.splits, weight=s.weight, max_samples=s.max_samples or self.max_train_samples,
-            name=s.name or source_name(s.source),
+            subset=s.subset or self.subset, splits=s.splits, weight=s.weight,
+            max_samples=s.max_samples or self.max_train_samples, name=s.name or source_name(s.source),
         ) for s in self.sources]
 
 

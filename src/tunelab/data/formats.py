@@ -571,7 +571,8 @@ def get_format(name: str, fields: dict[str, str] | None = None) -> Format:
     if fields and name in RENAMABLE:
         unknown = set(fields) - set(RENAMABLE[name])
         if unknown:
-            raise TunelabError(f"data.fields: {name} renames only {', '.join(RENAMABLE[name])}; not {', '.join(sorted(unknown))}")
+            raise TunelabError(f"data.fields: {name} renames only {', '.join(RENAMABLE[name])}; "
+                               f"not {', '.join(sorted(unknown))}")
         return dataclasses.replace(FORMATS[name], **{RENAMABLE[name][key]: column for key, column in fields.items()})
     if fields:
         raise TunelabError(f"data.fields: only used by data.format=custom, sharegpt and messages, not by '{name}'; "
