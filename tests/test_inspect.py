@@ -14,6 +14,7 @@ from tunelab.config import load_config
 from tunelab.data.inspect import page
 from tunelab.data.prepare import prepare
 from tunelab.data.templates import IGNORE_INDEX
+from tunelab.errors import TunelabError
 from tunelab.models.build import load_tokenizer
 from tunelab.models.loading import ModelSource
 from tunelab.stages import data as stage
@@ -123,3 +124,9 @@ def test_cli_prints_plain_marks_writes_html_and_fails_on_a_check(source, tiny_mo
     assert 'class="loss"' in out.read_text()
     assert main([*args[:2], str(recipe), *args[2:], f"model.chat_template={template}"]) == 2
     assert "FAIL stop token" in capsys.readouterr().out
+
+
+def test_preference_pairs_are_not_sft_data(tmp_path, tiny_model_dir):
+    cfg = load_config(None, [f"data.source={tmp_path}", "data.format=hh_rlhf", f"model.name={tiny_model_dir}"])
+    with pytest.raises(TunelabError, match="'hh_rlhf' gives preference pairs, not chat examples"):
+        stage.inspect(cfg)

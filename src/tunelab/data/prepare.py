@@ -230,9 +230,12 @@ def read_part(source: SourceConfig, cfg: DataConfig, tokenizer, seed: int) -> Pa
     from tunelab.data.formats import get_format
     from tunelab.data.sources import load_examples
 
-    examples, source_stats = load_examples(source.source, get_format(source.format, source.fields),
-                                           bad_rows=cfg.bad_rows, subset=source.subset, splits=source.splits,
-                                           num_proc=cfg.num_proc)
+    data_format = get_format(source.format, source.fields)
+    if data_format.columns[0] != "messages":
+        raise TunelabError(f"data.format: '{source.format}' gives preference pairs, not chat examples; it is for "
+                           "tunelab reward, dpo, kto and rl (for SFT use samsum, alpaca, sharegpt, messages, custom, ...)")
+    examples, source_stats = load_examples(source.source, data_format, bad_rows=cfg.bad_rows, subset=source.subset,
+                                           splits=source.splits, num_proc=cfg.num_proc)
     train_ex, eval_ex, test_ex = split(examples, cfg.model_copy(update={"max_train_samples": source.max_samples}), seed)
     alone = not cfg.sources
     train_rows, train_drop = tokenize(train_ex, tokenizer, cfg, "train" if alone else f"train ({source.name})")
@@ -320,6 +323,10 @@ def prepare(cfg: DataConfig, tokenizer, seed: int) -> PreparedData:
         if len(part.eval_rows) == 0:
             raise TunelabError(f"data: no validation samples of {part.config.source} left after filtering "
                                f"(max_length={cfg.max_length}, train_on={cfg.train_on})")
+    from tunelab.data.inspect import pad_check
+
+    if not (found := pad_check(samples.train, tokenizer)).ok:  # the pad token is reused, so its text must be absent
+        raise TunelabError(f"data: the pad token {found.detail}")
     train = batch_rows(samples.train, cfg, "train")
     stats = samples.stats
     stats["train_rows"] = len(train)
