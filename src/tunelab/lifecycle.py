@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import resource
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from tunelab.config import Config, dump_config
 from tunelab.distributed import is_main
 from tunelab.errors import TunelabError
 from tunelab.tracking.metrics import read_jsonl, write_json
+from tunelab.tracking.status import CHECKPOINT_DONE, checkpoint_complete, checkpoint_folders
 
 log = logging.getLogger(__name__)
 
@@ -84,19 +86,35 @@ class Stage:
     perplexity: bool = True
 
 
-def last_checkpoint(run_dir: Path) -> Path | None:
-    from transformers.trainer_utils import get_last_checkpoint
+def checkpoints(run_dir: Path) -> tuple[Path | None, list[Path]]:
+    """(the newest complete checkpoint, or None; the checkpoints a kill cut short while they were
+    written). The one place that decides what `--resume` continues from."""
+    found = [folder for _, folder in checkpoint_folders(run_dir)]
+    complete = [folder for folder in found if checkpoint_complete(folder)]
+    return (complete[-1] if complete else None), [folder for folder in found if folder not in complete]
 
-    ckpt = run_dir / "checkpoints"
-    return Path(found) if ckpt.is_dir() and (found := get_last_checkpoint(str(ckpt))) else None
+
+def last_checkpoint(run_dir: Path) -> Path | None:
+    return checkpoints(run_dir)[0]
+
+
+def run_ended_at(checkpoint: Path) -> bool:
+    """Whether early stopping had stopped the run when `checkpoint` was written (its saved
+    TrainerControl); the last step is checked against the resumed run's own plan (ResumeGuard)."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    control = state.get("stateful_callbacks", {}).get("TrainerControl", {}).get("args", {})
+    return bool(control.get("should_training_stop"))
 
 
 def open_run_dir(cfg: Config) -> tuple[Path, Path | None]:
-    """Create the run folder; refuse to mix a new run into an old one unless resuming."""
+    """Create the run folder; refuse to mix a new run into an old one unless resuming. Checkpoints
+    cut short are removed (a resumed run writes them again), and the one resumed from is named."""
     run_dir = cfg.run.path
-    resume_from = last_checkpoint(run_dir)
+    resume_from, cut = checkpoints(run_dir)
     if cfg.train.resume and resume_from is None:
-        raise TunelabError(f"--resume: {run_dir} has no checkpoint to resume from (checkpoints/checkpoint-N)")
+        short = f"; {', '.join(f.name for f in cut)} was cut short while it was written" if cut else ""
+        raise TunelabError(f"--resume: {run_dir} has no complete checkpoint to resume from "
+                           f"(checkpoints/checkpoint-N{short})")
     if not cfg.train.resume and (resume_from or (run_dir / "summary.json").exists()):
         raise TunelabError(
             f"run folder {run_dir} already holds a run; pass --resume to continue it, "
@@ -104,6 +122,11 @@ def open_run_dir(cfg: Config) -> tuple[Path, Path | None]:
         )
     if not is_main():  # under several processes, rank 0 alone writes the run folder
         return run_dir, resume_from
+    for folder in cut:
+        log.warning("%s was cut short while it was written (it has no %s); removing it", folder.name, CHECKPOINT_DONE)
+        shutil.rmtree(folder, ignore_errors=True)
+    if resume_from is not None:
+        log.info("resuming from %s", resume_from.name)
     if not cfg.train.resume:  # a run killed before its first checkpoint starts over: drop what it logged
         for stale in ("metrics.jsonl", "eval_before.json"):
             (run_dir / stale).unlink(missing_ok=True)
@@ -136,19 +159,28 @@ def train(trainer, resume_from: Path | None) -> dict:
     import torch
     from transformers import set_seed
 
+    from tunelab.trainer import AlreadyFinished, ResumeGuard
+
     # The shuffle order is drawn from the global RNG when training starts; re-seed so it does not
     # depend on what ran before (the before-evaluation, which a resumed run skips).
     set_seed(trainer.args.seed)
+    if resume_from is not None:
+        trainer.add_callback(ResumeGuard(run_ended_at(resume_from)))
     start = time.time()
     try:
-        output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except AlreadyFinished:
+        # The checkpoint is the run's end, its weights and state loaded: finish as train() does after
+        # its last step (the best checkpoint's weights with load_best, the final log, on_train_end).
+        # `_finalize_training` is transformers' own (private) tail of the loop; see ResumeGuard.
+        trainer._finalize_training(None, 0, start)
     except torch.OutOfMemoryError:
         raise TunelabError(
             f"out of memory at step {trainer.state.global_step + 1}; the last checkpoint is kept in "
             f"{trainer.args.output_dir}. Lower train.batch_size (raise train.grad_accum to keep the batch), "
             "lower data.max_length, set train.gradient_checkpointing=true, or use quantization.bits=4 (QLoRA)."
         ) from None
-    return {"runtime_s": time.time() - start, "train_loss": output.training_loss}
+    return {"runtime_s": time.time() - start}
 
 
 def measure_before(stage: Stage, trainer, cfg: Config, loaded: Loaded, run_dir: Path):
@@ -190,7 +222,7 @@ def run(cfg: Config, stage: Stage) -> RunResult:
 
     from tunelab.models.build import precision
     from tunelab.trainer import stage_arguments
-    from tunelab.tracking.live import MetricsCallback
+    from tunelab.tracking.live import CheckpointMarker, MetricsCallback
     from tunelab.tracking.plots import plot_curves, plot_metrics
     from tunelab.tracking.report import write_report
     from tunelab.tracking.wandb_setup import finish_wandb, wandb_report_to
@@ -207,8 +239,10 @@ def run(cfg: Config, stage: Stage) -> RunResult:
         if loaded.data.test_examples is not None:
             loaded.data.test_examples.to_json(run_dir / "test.jsonl")
 
-    resume_step = int(resume_from.name.split("-")[-1]) if resume_from else None
-    callbacks = [MetricsCallback(run_dir / "metrics.jsonl", resume_step=resume_step, perplexity=stage.perplexity)]
+    marker = json.loads((resume_from / CHECKPOINT_DONE).read_text()) if resume_from else {}
+    callbacks = [MetricsCallback(run_dir / "metrics.jsonl", resume_step=marker.get("step"), perplexity=stage.perplexity,
+                                 resume_time=marker.get("time")),
+                 CheckpointMarker()]
     trainer = stage.build(cfg, loaded, lambda cls, **extra: stage_arguments(cls, cfg, run_dir, report_to, **extra),
                           callbacks)
 
@@ -246,16 +280,19 @@ def run(cfg: Config, stage: Stage) -> RunResult:
 
 
 def train_stats(trainer, timing: dict, run_dir: Path) -> dict:
-    """The summary's `train` numbers every training stage reports."""
+    """The summary's `train` numbers every training stage reports. The losses come from
+    metrics.jsonl, which holds every step once however often the run was resumed."""
     import torch
+
+    records = read_jsonl(run_dir / "metrics.jsonl")
 
     return {
         "steps": trainer.state.global_step,
         "epochs": trainer.state.epoch,
         "runtime_s": timing["runtime_s"],
         "peak_memory_gb": peak_memory_gb(),
-        "final_loss": last_train_loss(run_dir / "metrics.jsonl"),
-        "mean_loss": timing["train_loss"],
+        "final_loss": last_train_loss(records),
+        "mean_loss": mean_train_loss(records),
         "best_checkpoint": trainer.state.best_model_checkpoint,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
     }
@@ -271,9 +308,18 @@ def run_warnings(records: list[dict]) -> list[str]:
     return [describe(flag)] if flag else []
 
 
-def last_train_loss(metrics_file: Path) -> float | None:
-    losses = [r["loss"] for r in read_jsonl(metrics_file) if "loss" in r]
+def last_train_loss(records: list[dict]) -> float | None:
+    losses = [r["loss"] for r in records if "loss" in r]
     return losses[-1] if losses else None
+
+
+def mean_train_loss(records: list[dict]) -> float | None:
+    """The mean training loss over all steps: each logged loss is the mean of the steps since the
+    previous log, so it weighs as many steps (what transformers' training_loss is for a run that
+    was never resumed)."""
+    logged = [(r["step"], r["loss"]) for r in records if "loss" in r and r["loss"] is not None]
+    steps = [step - before for (step, _), before in zip(logged, [0, *(s for s, _ in logged)])]
+    return sum(n * loss for n, (_, loss) in zip(steps, logged)) / sum(steps) if sum(steps) else None
 
 
 def write_samples(path: Path, before: list[dict], after: list[dict]) -> None:

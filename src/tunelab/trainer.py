@@ -6,6 +6,7 @@
   stopping and the best checkpoint can follow a task metric instead of the loss.
 - `training_step` stops on a non-finite loss *before* the optimizer applies it, naming the
   step, so the last checkpoint stays good.
+- `ResumeGuard` keeps a run resumed from its final checkpoint from training past its end.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import math
 import time
 from pathlib import Path
 
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from tunelab.config import Config
 from tunelab.distributed import eval_loader, trainer_arguments
@@ -69,6 +70,28 @@ class TunelabTrainer(Trainer):
                 "Lower train.lr, check the data, or use train.precision=fp32/bf16 instead of fp16."
             )
         return loss
+
+
+class AlreadyFinished(Exception):
+    """The resumed checkpoint is the run's end (see ResumeGuard)."""
+
+
+class ResumeGuard(TrainerCallback):
+    """Stops a resumed run before its first step when its checkpoint is the run's end.
+
+    transformers resumes a checkpoint taken at the last step (or where early stopping stopped) by
+    training one step more: its loop checks max_steps only after a step, and on_train_begin clears
+    the restored should_training_stop. A run killed while its adapter was written would then end
+    one step further than the uninterrupted run (7 of 6). Can go once transformers checks before
+    the first resumed step (5.23 does not). `stopped`: early stopping had stopped the run at the
+    checkpoint (its saved TrainerControl says so)."""
+
+    def __init__(self, stopped: bool):
+        self.stopped = stopped
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.stopped or state.global_step >= state.max_steps:
+            raise AlreadyFinished
 
 
 def selection_metric(t) -> str:

@@ -10,23 +10,27 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from tunelab.tracking.metrics import _dumps, append_jsonl, atomic_write_text, perplexity, read_jsonl
+from tunelab.tracking.metrics import _dumps, append_jsonl, atomic_write_text, perplexity, read_jsonl, write_json
 from tunelab.tracking.plots import plot_metrics
 from tunelab.tracking.report import write_report
-from tunelab.tracking.status import write_status
+from tunelab.tracking.status import CHECKPOINT_DONE, write_status
 
 
 class MetricsCallback(TrainerCallback):
     """Mirrors every Trainer log to metrics.jsonl, the source for plots and the report."""
 
-    def __init__(self, path: str | os.PathLike, resume_step: int | None = None, perplexity: bool = True):
-        """`resume_step`: the checkpoint step a resumed run restarts from. Lines logged after
-        it are dropped now because the resumed run logs those steps again. `perplexity`: add
-        exp(loss) to loss lines (false where the loss is no cross-entropy, as in DPO)."""
+    def __init__(self, path: str | os.PathLike, resume_step: int | None = None, perplexity: bool = True,
+                 resume_time: float | None = None):
+        """`resume_step`: the checkpoint step a resumed run restarts from, `resume_time`: when that
+        checkpoint was complete. Lines logged after it are dropped now because the resumed run logs
+        them again (also those of its own step logged after the save: the end of a run killed after
+        its last checkpoint). `perplexity`: add exp(loss) to loss lines (false where the loss is no
+        cross-entropy, as in DPO)."""
         self.path = Path(path)
         self.perplexity = perplexity
         if resume_step is not None and self.path.exists():
-            kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= resume_step]
+            kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= resume_step
+                    and (resume_time is None or r.get("time", 0) <= resume_time)]
             atomic_write_text(self.path, "".join(_dumps(r) + "\n" for r in kept))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -39,6 +43,17 @@ class MetricsCallback(TrainerCallback):
         if "loss" in logs and self.perplexity:
             record["train_perplexity"] = perplexity(logs["loss"])
         append_jsonl(self.path, record)
+
+
+class CheckpointMarker(TrainerCallback):
+    """Marks checkpoint-N complete (`CHECKPOINT_DONE`) once transformers has written all of it:
+    on_save comes after `Trainer._save_checkpoint`, whose writes are collective under several
+    processes, so the main process marks it alone."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            write_json(folder / CHECKPOINT_DONE, {"step": state.global_step, "time": time.time()})
 
 
 class LiveRunCallback(TrainerCallback):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import time
 from pathlib import Path
@@ -23,6 +24,10 @@ STATES = ("running", "finished", "failed", "interrupted")
 STALE_S = 30 * 60
 """No heartbeat for this long and no way to check the process (another host): interrupted.
 Long enough for a slow validation between two log steps."""
+CHECKPOINT_DONE = "tunelab-checkpoint.json"
+"""Written into checkpoint-N/ once transformers has written all of it (weights, optimizer, scheduler,
+RNG, trainer_state.json), with the step and the time: a checkpoint without it was cut short by a
+kill and is never resumed from. transformers writes checkpoint-N in place, so it needs the marker."""
 
 
 def write_status(run_dir: str | os.PathLike, state: str, **info: Any) -> Path:
@@ -64,6 +69,17 @@ def _alive(status: dict, now: float) -> bool:
             return True
         return True
     return isinstance(status.get("updated"), (int, float)) and now - status["updated"] < STALE_S
+
+
+def checkpoint_folders(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """The run's checkpoints/checkpoint-N folders as (N, folder), oldest first."""
+    found = [(int(m.group(1)), p) for p in (Path(run_dir) / "checkpoints").glob("checkpoint-*")
+             if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and p.is_dir()]
+    return sorted(found)
+
+
+def checkpoint_complete(folder: Path) -> bool:
+    return (folder / CHECKPOINT_DONE).is_file()
 
 
 def read_json_object(path: Path) -> dict:
