@@ -1,8 +1,9 @@
 """The run lifecycle every training command goes through (`train`, `reward`, `dpo`, `rl`).
 
-processes → run folder → trackers → seed → model, tokenizer and data → trainer → evaluate
-before (once; a resumed run reuses it) → train → evaluate after → gather shards → save →
-samples, summary, plots, report. A stage (`stages/sft.py`, `reward.py`, `dpo.py`, `rl.py`)
+processes → run folder checks → trackers → seed → tokenizer, data (every row checked) and model →
+run folder files → trainer → evaluate before (once; a resumed run reuses it) → train → evaluate
+after → gather shards → save → samples, summary, plots, report. A run that fails before it trains
+leaves its folder as it was (`as_it_was_on_failure`). A stage (`stages/sft.py`, `reward.py`, `dpo.py`, `rl.py`)
 brings only what differs, as a `Stage`: how it loads, which trainer it builds, what "better"
 means for it. Everything that depends on the number of processes lives here, once.
 
@@ -12,6 +13,7 @@ this module) only after its config validated, and the stage modules stay light t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import resource
@@ -106,9 +108,9 @@ def run_ended_at(checkpoint: Path) -> bool:
     return bool(control.get("should_training_stop"))
 
 
-def open_run_dir(cfg: Config) -> tuple[Path, Path | None]:
-    """Create the run folder; refuse to mix a new run into an old one unless resuming. Checkpoints
-    cut short are removed (a resumed run writes them again), and the one resumed from is named."""
+def open_run_dir(cfg: Config) -> tuple[Path, Path | None, list[Path]]:
+    """(run folder, checkpoint to resume from, checkpoints cut short): refuse to mix a new run into
+    an old one unless resuming, and name the checkpoint resumed from. Writes nothing."""
     run_dir = cfg.run.path
     resume_from, cut = checkpoints(run_dir)
     if cfg.train.resume and resume_from is None:
@@ -120,19 +122,42 @@ def open_run_dir(cfg: Config) -> tuple[Path, Path | None]:
             f"run folder {run_dir} already holds a run; pass --resume to continue it, "
             "or choose another run.name / run.dir"
         )
-    if not is_main():  # under several processes, rank 0 alone writes the run folder
-        return run_dir, resume_from
+    if resume_from is not None and is_main():
+        log.info("resuming from %s", resume_from.name)
+    return run_dir, resume_from, cut
+
+
+def write_run_folder(cfg: Config, run_dir: Path, cut: list[Path], loaded: Loaded) -> None:
+    """The run folder's first files, once the config, paths and data have passed their checks (main
+    process only). Checkpoints cut short go (a resumed run writes them again)."""
     for folder in cut:
         log.warning("%s was cut short while it was written (it has no %s); removing it", folder.name, CHECKPOINT_DONE)
         shutil.rmtree(folder, ignore_errors=True)
-    if resume_from is not None:
-        log.info("resuming from %s", resume_from.name)
     if not cfg.train.resume:  # a run killed before its first checkpoint starts over: drop what it logged
         for stale in ("metrics.jsonl", "eval_before.json"):
             (run_dir / stale).unlink(missing_ok=True)
     (run_dir / "plots").mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
-    return run_dir, resume_from
+    write_json(run_dir / "data_stats.json", loaded.data.stats)
+    if loaded.data.test_examples is not None:
+        loaded.data.test_examples.to_json(run_dir / "test.jsonl")
+
+
+@contextlib.contextmanager
+def as_it_was_on_failure(run_dir: Path):
+    """A run that fails (or is interrupted) before training starts leaves its folder as it was: what
+    this attempt added is removed, and a folder it created goes altogether."""
+    existed = run_dir.is_dir()
+    before = set(run_dir.iterdir()) if existed else set()
+    try:
+        yield
+    except BaseException:
+        if is_main() and not existed:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        elif is_main():
+            for added in set(run_dir.iterdir()) - before:
+                shutil.rmtree(added) if added.is_dir() else added.unlink()
+        raise
 
 
 def check_processes(cfg: Config, stage: Stage) -> None:
@@ -228,25 +253,22 @@ def run(cfg: Config, stage: Stage) -> RunResult:
     from tunelab.tracking.wandb_setup import finish_wandb, wandb_report_to
 
     check_processes(cfg, stage)
-    run_dir, resume_from = open_run_dir(cfg)
-    report_to = wandb_report_to(cfg.tracking.wandb, cfg.tracking.project, cfg.run.name, run_dir,
-                                list(cfg.tracking.report_to))  # checks the integrations before the model loads
-    set_seed(cfg.run.seed)  # LoRA's A matrices, new embedding rows, a score head: drawn from the global RNG
-    with distributed.main_process_first():  # rank 0 fills the caches (converted GGUF, tokenized data) first
-        loaded = stage.load(cfg, distributed.fsdp_enabled(cfg))
-    if is_main():
-        write_json(run_dir / "data_stats.json", loaded.data.stats)
-        if loaded.data.test_examples is not None:
-            loaded.data.test_examples.to_json(run_dir / "test.jsonl")
-
-    marker = json.loads((resume_from / CHECKPOINT_DONE).read_text()) if resume_from else {}
-    callbacks = [MetricsCallback(run_dir / "metrics.jsonl", resume_step=marker.get("step"), perplexity=stage.perplexity,
-                                 resume_time=marker.get("time")),
-                 CheckpointMarker()]
-    trainer = stage.build(cfg, loaded, lambda cls, **extra: stage_arguments(cls, cfg, run_dir, report_to, **extra),
-                          callbacks)
-
-    before = measure_before(stage, trainer, cfg, loaded, run_dir)
+    run_dir, resume_from, cut = open_run_dir(cfg)
+    with as_it_was_on_failure(run_dir):
+        report_to = wandb_report_to(cfg.tracking.wandb, cfg.tracking.project, cfg.run.name, run_dir,
+                                    list(cfg.tracking.report_to))  # checks the integrations before the model loads
+        set_seed(cfg.run.seed)  # LoRA's A matrices, new embedding rows, a score head: drawn from the global RNG
+        with distributed.main_process_first():  # rank 0 fills the caches (converted GGUF, tokenized data) first
+            loaded = stage.load(cfg, distributed.fsdp_enabled(cfg))  # checks rows before the model loads
+        if is_main():
+            write_run_folder(cfg, run_dir, cut, loaded)
+        marker = json.loads((resume_from / CHECKPOINT_DONE).read_text()) if resume_from else {}
+        callbacks = [MetricsCallback(run_dir / "metrics.jsonl", resume_step=marker.get("step"),
+                                     perplexity=stage.perplexity, resume_time=marker.get("time")),
+                     CheckpointMarker()]
+        trainer = stage.build(cfg, loaded, lambda cls, **extra: stage_arguments(cls, cfg, run_dir, report_to, **extra),
+                              callbacks)
+        before = measure_before(stage, trainer, cfg, loaded, run_dir)
     timing = train(trainer, resume_from)
     before, before_rows = before if isinstance(before, tuple) else before.result
     after, after_rows = stage.measure(trainer, cfg, loaded, "after")

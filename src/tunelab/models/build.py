@@ -216,11 +216,12 @@ def apply_peft(model, peft: PeftConfig, quantized: bool, gradient_checkpointing:
         raise TunelabError(f"peft.target_modules={peft.target_modules!r}: {err}") from None
 
 
-def load_for_training(cfg: Config, *, sharded: bool = False):
+def load_for_training(cfg: Config, *, sharded: bool = False, tokenizer=None):
     """(model, tokenizer) for SFT: the base (a LoRA run as model.name merged in), the fast path,
-    then a new adapter from peft.* (none for full fine-tuning)."""
+    then a new adapter from peft.* (none for full fine-tuning). `tokenizer`: the one already loaded
+    (`load_tokenizer(source, model.chat_template)`), which rendered the data."""
     source = resolve(cfg.model.name)
-    tokenizer = load_tokenizer(source, cfg.model.chat_template)
+    tokenizer = tokenizer or load_tokenizer(source, cfg.model.chat_template)
     model = build_model(source, tokenizer, **model_options(cfg, sharded=sharded))
     kernels.apply(model, cfg.train.kernels, sharded=sharded)
     model = apply_peft(model, cfg.peft, bool(cfg.quantization.bits), cfg.train.gradient_checkpointing)

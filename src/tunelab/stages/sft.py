@@ -1,7 +1,7 @@
 """`tunelab train RECIPE`: supervised fine-tuning (full, LoRA, DoRA, QLoRA) on the transformers Trainer.
 
 Through the run lifecycle (`tunelab/lifecycle.py`); this module brings what is SFT's own: the
-model is built with its adapter before the data (the tokenizer renders the data), packed or
+data is checked and tokenized before the model is built with its adapter, packed or
 padded rows for our Trainer subclass, and validation loss/perplexity plus task metrics on
 greedy generations as the before/after measure. The only stage that runs on several processes.
 """
@@ -18,11 +18,15 @@ log = logging.getLogger(__name__)
 
 
 def load(cfg: Config, sharded: bool) -> Loaded:
+    """The tokenizer, then the data (every row checked, then tokenized by it), then the model: a bad
+    row or data path stops the run in seconds, before minutes of loading weights."""
     from tunelab.data.prepare import prepare
-    from tunelab.models.build import load_for_training
+    from tunelab.models.build import load_for_training, load_tokenizer
+    from tunelab.models.loading import resolve
 
-    model, tokenizer = load_for_training(cfg, sharded=sharded)
+    tokenizer = load_tokenizer(resolve(cfg.model.name), cfg.model.chat_template)
     data = prepare(cfg.data, tokenizer, cfg.run.seed)
+    model, tokenizer = load_for_training(cfg, sharded=sharded, tokenizer=tokenizer)
     return Loaded(tokenizer, data, model=model)
 
 
