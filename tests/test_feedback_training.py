@@ -8,36 +8,14 @@ test_preference_training.py), so one token tells them apart and a few steps suff
 from __future__ import annotations
 
 import json
-import random
 import sys
 import textwrap
 
 import pytest
 
+from tests.test_preference_training import _cfg, marker_pairs  # noqa: F401 - the same learnable pairs
 from tunelab.config import load_config
 from tunelab.errors import TunelabError
-
-WORDS = "apple river stone cloud paper green quick slow bright dark".split()
-
-
-@pytest.fixture(scope="module")
-def marker_pairs(tmp_path_factory):
-    rng = random.Random(0)
-    phrase = lambda n: " ".join(rng.choice(WORDS) for _ in range(n))  # noqa: E731
-    rows = [{"question": phrase(4), "chosen": f"yes {phrase(3)}", "rejected": f"no {phrase(3)}"} for _ in range(80)]
-    folder = tmp_path_factory.mktemp("marker-pairs")
-    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return folder
-
-
-def _cfg(run_dir, model_dir, data_dir, *overrides):
-    return load_config(None, [
-        f"model.name={model_dir}", f"data.source={data_dir}", f"run.dir={run_dir}", "data.format=custom",
-        "data.fields={prompt: question, chosen: chosen, rejected: rejected}", "data.max_length=64",
-        "data.max_eval_samples=8", "train.batch_size=4", "train.lr=1e-2", "train.warmup_ratio=0", "train.max_steps=4",
-        "eval.batch_size=8", "eval.generation_samples=2", "eval.max_new_tokens=3", *overrides,
-    ])
-
 
 def test_kto_learns_from_answers_marked_good_or_bad(tmp_path, tiny_model_dir, marker_pairs):
     from tunelab.stages import kto

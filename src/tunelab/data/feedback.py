@@ -61,8 +61,22 @@ def _agreement_problems(value) -> list[str]:
     return []
 
 
+class _ReviewRows(Format):
+    """Rows of a `tunelab review export`: a prompt (checked first) and what the reviewers gave for it."""
+
+    @property
+    def optional(self) -> dict[str, type]:
+        return {}
+
+    def content_problems(self, row: dict) -> list[str]:
+        return prompt_problems(row.get("prompt")) or self.feedback_problems(row)
+
+    def feedback_problems(self, row: dict) -> list[str]:
+        raise NotImplementedError
+
+
 @dataclass(frozen=True)
-class ReviewRankings(Format):
+class ReviewRankings(_ReviewRows):
     name: str = "rankings"
     columns = ("prompt", "outputs", "rankings", "agreement")
 
@@ -70,13 +84,7 @@ class ReviewRankings(Format):
     def required(self) -> dict[str, type]:
         return {"outputs": list, "rankings": list}
 
-    @property
-    def optional(self) -> dict[str, type]:
-        return {}
-
-    def content_problems(self, row: dict) -> list[str]:
-        if problems := prompt_problems(row.get("prompt")):
-            return problems
+    def feedback_problems(self, row: dict) -> list[str]:
         outputs, rankings = row["outputs"], row["rankings"]
         if len(outputs) < 2 or not all(isinstance(o, str) for o in outputs):
             return [f"field 'outputs' should hold at least 2 texts, got {len(outputs)} items"]
@@ -94,7 +102,7 @@ class ReviewRankings(Format):
 
 
 @dataclass(frozen=True)
-class ReviewRatings(Format):
+class ReviewRatings(_ReviewRows):
     name: str = "ratings"
     columns = ("prompt", "completion", "label")
 
@@ -102,13 +110,7 @@ class ReviewRatings(Format):
     def required(self) -> dict[str, type]:
         return {"completion": str}
 
-    @property
-    def optional(self) -> dict[str, type]:
-        return {}
-
-    def content_problems(self, row: dict) -> list[str]:
-        if problems := prompt_problems(row.get("prompt")):
-            return problems
+    def feedback_problems(self, row: dict) -> list[str]:
         if not isinstance(row.get("label"), bool):
             return [f"field 'label' should be true (desirable) or false, got {row.get('label')!r}"]
         return []
