@@ -4,8 +4,11 @@ chunked prefill and recompute preemption, the model's own modules, graph-capture
 One background thread owns the model while the engine runs: it takes new requests and
 cancellations between steps, asks the scheduler (`scheduler.py`) for the next step, runs it
 (`runner.py`: one forward over the step's flat tokens, sampling on the device, a single host
-sync to read the sampled ids), and hands every request its new token. EOS, token limits and
-stop strings end a request inside that loop, so a finished row never holds the batch back.
+sync to read the sampled ids), and hands every request its new token. In steady decoding the
+next graph step is queued before the one in flight is read (its input tokens are gathered on
+the device), so scheduling and delivery run while the GPU computes. EOS, token limits and stop
+strings end a request inside that loop, so a finished row never holds the batch back (at most
+one queued step computes a row that has just ended, and drops it).
 """
 
 from __future__ import annotations

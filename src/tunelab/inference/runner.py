@@ -270,9 +270,6 @@ class ModelRunner:
         self._graphs[key] = graph = record(body, self._pool, self.device)
         return graph
 
-    def graph_count(self) -> int:
-        return len(self._graphs)
-
 
 def record(body, pool, device) -> torch.cuda.CUDAGraph:
     """Run `body` once on a side stream (Triton compiles, cuBLAS sets up: outside the capture),
