@@ -9,6 +9,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 
 from tunelab.errors import TunelabError, did_you_mean
 
@@ -24,12 +25,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+LIBRARIES = ("absl", "accelerate", "bitsandbytes", "datasets", "filelock", "httpx", "huggingface_hub", "matplotlib",
+             "peft", "torch", "transformers", "trl", "urllib3", "wandb")
+"""Loggers of the libraries tunelab drives: errors only, unless -v."""
+
+
+class _Lines(logging.Formatter):
+    """tunelab's own INFO lines as plain text, its warnings as `warning: ...`; a library's lines
+    (shown with -v) also name the library."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = super().format(record)
+        if record.name.split(".")[0] == "tunelab":
+            return message if record.levelno == logging.INFO else f"{record.levelname.lower()}: {message}"
+        return f"{record.levelname.lower()} ({record.name}): {message}"
+
+
 def _quiet_libraries(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if not verbose:
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        for name in ("httpx", "urllib3", "filelock", "datasets", "transformers", "peft", "accelerate", "matplotlib"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+    """Logging and warnings, set before any library is imported: tunelab's own messages, and the
+    libraries' warnings (FutureWarnings, deprecations, bitsandbytes' missing `kernels`, peft's
+    notes) only with -v."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(_Lines("%(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
+    if verbose:
+        return
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DATASETS_VERBOSITY", "error")
+    for name in LIBRARIES:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    warnings.filterwarnings("default", module=r"tunelab(\.|$)")
 
 
 def _check_command(parser: argparse.ArgumentParser, argv: list[str]) -> None:

@@ -247,13 +247,17 @@ def run(cfg: Config, stage: Stage) -> RunResult:
 
     from tunelab.models.build import precision
     from tunelab.trainer import stage_arguments
-    from tunelab.tracking.live import CheckpointMarker, MetricsCallback
+    from transformers.trainer_callback import ProgressCallback
+
+    from tunelab.tracking.live import CheckpointMarker, MetricsCallback, ProgressLines
     from tunelab.tracking.plots import plot_curves, plot_metrics
     from tunelab.tracking.report import write_report
     from tunelab.tracking.wandb_setup import finish_wandb, wandb_report_to
 
     check_processes(cfg, stage)
     run_dir, resume_from, cut = open_run_dir(cfg)
+    if is_main():
+        log.info("run folder: %s", run_dir)
     with as_it_was_on_failure(run_dir):
         report_to = wandb_report_to(cfg.tracking.wandb, cfg.tracking.project, cfg.run.name, run_dir,
                                     list(cfg.tracking.report_to))  # checks the integrations before the model loads
@@ -268,6 +272,8 @@ def run(cfg: Config, stage: Stage) -> RunResult:
                      CheckpointMarker()]
         trainer = stage.build(cfg, loaded, lambda cls, **extra: stage_arguments(cls, cfg, run_dir, report_to, **extra),
                               callbacks)
+        trainer.remove_callback(ProgressCallback)  # the bar stays; the raw log dicts become ProgressLines' lines
+        trainer.add_callback(ProgressLines())
         before = measure_before(stage, trainer, cfg, loaded, run_dir)
     timing = train(trainer, resume_from)
     before, before_rows = before if isinstance(before, tuple) else before.result

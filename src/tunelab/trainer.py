@@ -135,6 +135,7 @@ def training_arguments(cfg: Config, checkpoints: str, report_to: list[str]) -> T
         train_sampling_strategy="group_by_length" if cfg.data.batching == "padding" else "random",
         length_column_name="length",
         report_to=report_to,
+        include_num_input_tokens_seen="non_padding",  # the tok/s of the progress lines
         dataloader_num_workers=0,
         # We pass labels ourselves; keep position_ids and friends.
         remove_unused_columns=True,
@@ -161,5 +162,6 @@ def stage_arguments(config_class, cfg: Config, run_dir: Path, report_to: list[st
             gradient_checkpointing=cfg.train.gradient_checkpointing,
             train_sampling_strategy="random",  # length grouping needs SFT's `length` column
             label_names=[],  # trl's trainers compute their own losses; there is no labels column
+            include_num_input_tokens_seen="no",  # their batches have no `input_ids` to count
         )
     return config_class(**values | extra)

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
 
 from tunelab.tracking.metrics import _dumps, append_jsonl, atomic_write_text, perplexity, read_jsonl, write_json
 from tunelab.tracking.plots import plot_metrics
@@ -54,6 +55,48 @@ class CheckpointMarker(TrainerCallback):
         if state.is_world_process_zero:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             write_json(folder / CHECKPOINT_DONE, {"step": state.global_step, "time": time.time()})
+
+
+class ProgressLines(ProgressCallback):
+    """transformers' progress bar, with one formatted line per log step above it instead of the
+    raw log dict: `step 20/100  loss 1.234  lr 2.00e-04  3,456 tok/s  ETA 0:01:05`, and
+    `step 20/100  validation loss 1.301  perplexity 3.67` for a validation."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
+        self.start = self.last = (time.time(), state.global_step, state.num_input_tokens_seen)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or self.training_bar is None or not logs:
+            return
+        line = progress_line(logs, state, self.start, self.last)
+        self.last = (time.time(), state.global_step, state.num_input_tokens_seen)
+        if line:
+            self.training_bar.write(line)
+
+
+def progress_line(logs: dict, state, start: tuple, last: tuple) -> str | None:
+    """One log step as a line; start/last: (time, step, tokens seen) when training began and at the
+    previous log. None for the trainer's end-of-training summary (the table follows)."""
+    at = f"step {state.global_step}/{state.max_steps}"
+    if any(key.startswith("eval_") for key in logs):
+        shown = {key.removeprefix("eval_"): value for key, value in logs.items() if key.startswith("eval_")
+                 and not key.endswith(("_runtime", "_per_second", "_tokens"))}
+        return f"{at}  validation " + "  ".join(f"{key} {value:.4g}" for key, value in shown.items()
+                                               if isinstance(value, (int, float)))
+    if "loss" not in logs:
+        return None
+    now = time.time()
+    parts = [at, f"loss {logs['loss']:.4g}"]
+    if "learning_rate" in logs:
+        parts.append(f"lr {logs['learning_rate']:.2e}")
+    if state.num_input_tokens_seen and now > last[0]:
+        parts.append(f"{(state.num_input_tokens_seen - last[2]) / (now - last[0]):,.0f} tok/s")
+    done = state.global_step - start[1]
+    if done > 0:
+        remaining = (now - start[0]) / done * (state.max_steps - state.global_step)
+        parts.append(f"ETA {int(remaining) // 3600}:{int(remaining) % 3600 // 60:02d}:{int(remaining) % 60:02d}")
+    return "  ".join(parts)
 
 
 class LiveRunCallback(TrainerCallback):
