@@ -134,6 +134,21 @@ def test_adapter_reloads_and_merges_to_the_same_model(tmp_path, tiny_model_dir, 
     assert torch.allclose(a, b, atol=1e-5)
     assert not torch.allclose(b, c[..., : b.shape[-1]], atol=1e-3)  # training changed the model
 
+    # Plain peft onto the base that adapter_config.json names gives the same model: the pad token
+    # is a spare special token, so the vocabulary is the base's and the adapter holds no embeddings.
+    from peft import PeftModel
+    from safetensors import safe_open
+
+    base_name = json.loads((run / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_name), run / "adapter").eval()
+    with torch.no_grad():
+        assert torch.allclose(plain(ids).logits, a, atol=1e-5)
+    with safe_open(str(run / "adapter" / "adapter_model.safetensors"), framework="pt") as f:
+        assert not [k for k in f.keys() if "embed_tokens" in k or "lm_head" in k]
+    assert merged.config.vocab_size == base.config.vocab_size
+    half = AutoModelForCausalLM.from_pretrained(merge_and_save(str(run), tmp_path / "merged16", torch.bfloat16))
+    assert half.dtype == torch.bfloat16  # tunelab merge --dtype bf16
+
 
 def test_early_stopping_stops_when_validation_loss_stalls(tmp_path, tiny_model_dir, task_dir):
     # Any improvement smaller than the threshold counts as none, so patience 1 stops at the second evaluation.

@@ -6,6 +6,7 @@ import importlib
 
 from tunelab.commands.base import Command, add_overrides
 
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 RESUME = "interrupted; continue with `tunelab {name} <recipe> --resume`"
 
 
@@ -143,10 +144,14 @@ class Merge(Command):
     def arguments(self, parser) -> None:
         parser.add_argument("run", help="a LoRA run folder or adapter folder")
         parser.add_argument("--output", required=True, help="folder for the merged model")
+        parser.add_argument("--dtype", choices=tuple(DTYPES), help="weights dtype (default: the base model's own)")
 
     def run(self, args) -> None:
         from pathlib import Path
 
+        import torch
+
         from tunelab.models.build import merge_and_save
 
-        print(f"merged model written to {merge_and_save(args.run, Path(args.output))}")
+        dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+        print(f"merged model written to {merge_and_save(args.run, Path(args.output), dtype)}")

@@ -12,7 +12,8 @@ import torch
 from tunelab import kernels
 from tunelab.config import Config, PeftConfig, QuantizationConfig
 from tunelab.errors import TunelabError
-from tunelab.models.loading import DEFAULT_CHAT_TEMPLATE, PAD_TOKEN, ModelSource, resolve
+from tunelab.models.loading import DEFAULT_CHAT_TEMPLATE, ModelSource, resolve
+from tunelab.models.vocab import generation_stop_ids, saved_embedding_rows, set_pad_token
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +58,8 @@ def precision(train: str = "auto", model_dtype: str = "auto") -> Precision:
 
 
 def load_tokenizer(source: ModelSource, chat_template: str | None = None):
-    """Tokenizer with a dedicated pad token (never EOS: padding would then mask real EOS labels
-    and the model would never learn to stop), right padding, and a chat template: `chat_template`
+    """Tokenizer with a dedicated pad token (never EOS, a spare special token where there is one:
+    `models/vocab.py`), right padding, and a chat template: `chat_template`
     (model.chat_template) if given, else the saved or the model's own, else a plain default."""
     from transformers import AutoTokenizer
 
@@ -69,11 +70,13 @@ def load_tokenizer(source: ModelSource, chat_template: str | None = None):
         raise TunelabError(f"model.name: cannot load a tokenizer from {path}: {err}") from None
     if chat_template is not None:
         override_template(tokenizer, chat_template, path)
-    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
-    tokenizer.padding_side = "right"
     if not tokenizer.chat_template:
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    if set_pad_token(tokenizer, generation_stop_ids(str(source.path))):
+        log.info("the tokenizer has no special token to spare: added %s as the pad token (the vocabulary grows by "
+                 "one; a plain-peft load of the adapter must resize the base's embeddings to %d)",
+                 tokenizer.pad_token, len(tokenizer))
+    tokenizer.padding_side = "right"
     return tokenizer
 
 
@@ -145,7 +148,7 @@ def build_model(source: ModelSource, tokenizer, *, dtype: torch.dtype | str, ada
         model = auto_class.from_pretrained(source.path, **kwargs)
     except OSError as err:
         raise TunelabError(f"model.name: cannot load weights from {source.path}: {err}") from None
-    fit_embeddings(model, tokenizer)
+    fit_embeddings(model, tokenizer, saved_embedding_rows(source.adapter) if adapter != "ignore" else None)
     if source.adapter is not None and adapter != "ignore":
         from peft import PeftModel
 
@@ -172,10 +175,12 @@ def model_options(cfg: Config, *, sharded: bool = False) -> dict:
                 attn_implementation=m.attn_implementation, revision=m.revision, trust_remote_code=m.trust_remote_code)
 
 
-def fit_embeddings(model, tokenizer) -> None:
-    """Grow the embeddings when the tokenizer gained tokens (the pad token)."""
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
+def fit_embeddings(model, tokenizer, rows: int | None = None) -> None:
+    """Grow the embeddings when the tokenizer gained tokens (an added pad token), to exactly its
+    size, or to `rows` (what an adapter written by earlier tunelab versions carries)."""
+    rows = max(rows or 0, len(tokenizer))
+    if rows > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(rows, mean_resizing=False)
 
 
 def lora_config(peft: PeftConfig, task_type: str = "CAUSAL_LM"):
@@ -250,18 +255,24 @@ def save_trained(model, tokenizer, run_dir: Path, full: bool, state_dict: dict |
     """Adapter (or full model) plus the tokenizer, so inference renders and pads exactly as training did.
     `state_dict`: the weights gathered from FSDP shards (the model's own are only this rank's part)."""
     out = run_dir / ("model" if full else "adapter")
-    model.save_pretrained(out, state_dict=state_dict)
+    # An adapter keeps to its low-rank weights (and a reward model's score head): the embeddings
+    # are the base's, or the base's plus one untrained pad row that any loader re-creates.
+    extra = {} if full else {"save_embedding_layers": False}
+    model.save_pretrained(out, state_dict=state_dict, **extra)
     tokenizer.save_pretrained(out)
     return out
 
 
-def merge_and_save(name: str, output: Path) -> Path:
-    """Fold a LoRA run's adapter into its (unquantized) base and save a plain HF model folder."""
+def merge_and_save(name: str, output: Path, dtype: torch.dtype | None = None) -> Path:
+    """Fold a LoRA run's adapter into its (unquantized) base and save a plain HF model folder, in
+    `dtype` (default: the base's own). The merge itself runs in the base's dtype, then casts."""
     source = resolve(name)
     if source.adapter is None:
         raise TunelabError(f"merge: {name} is not a LoRA run or adapter folder (no adapter_config.json)")
     tokenizer = load_tokenizer(source)
     merged = build_model(source, tokenizer, dtype="auto", for_generation=True)
+    if dtype is not None:
+        merged = merged.to(dtype)
     merged.save_pretrained(output)
     tokenizer.save_pretrained(output)
     return output

@@ -21,7 +21,6 @@ from tunelab.errors import TunelabError
 
 log = logging.getLogger(__name__)
 
-PAD_TOKEN = "<|pad|>"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # Used only when a tokenizer has no chat template (base models such as Llama-2-7b-hf). It is
