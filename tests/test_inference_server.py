@@ -159,8 +159,8 @@ def test_adapters_are_routed_by_model_name(tiny_model_dir, tmp_path):
     for seed, name in enumerate("ab"):
         base, _tok = load_for_eval(str(tiny_model_dir))
         torch.manual_seed(seed)  # random (not zero) LoRA B, so the two adapters answer differently
-        lora = get_peft_model(base, LoraConfig(r=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                                               init_lora_weights=False))
+        lora = get_peft_model(base, LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj", "down_proj"],
+                                               init_lora_weights=False))  # strong enough to change greedy tokens
         lora.save_pretrained(tmp_path / name)
     prompt = [{"role": "user", "content": "Pick a day."}]
     expected = {}
