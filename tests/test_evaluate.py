@@ -28,6 +28,8 @@ def test_perplexity_is_token_weighted_not_a_mean_of_batch_means(tokenizer):
     from tunelab.data.templates import IGNORE_INDEX, tokenize_example
 
     model = make_tiny_model(tokenizer).eval()
+    with torch.no_grad():  # sharper random logits, so the two rows' mean losses differ clearly (near-uniform ones tie)
+        model.lm_head.weight.mul_(20)
     # a 1-word answer and a ~230-token one: averaging per row would weight the 1-word row like the long one
     examples = [_chat("Say one word.", "Yes"), _chat("Count.", " ".join(str(i) for i in range(1, 80)))]
     sums, counts = [], []
