@@ -67,3 +67,16 @@ def test_compare_a_run_still_training_has_curves_and_no_pairs(tmp_path):
     assert [f["status"] for f in result["folders"]] == ["finished", "interrupted"]  # no status.json, no summary
     assert result["pairs"] == [] and len(figures) == 3
     assert compare.format_pairs(result).startswith("no two folders answered the same rows")
+
+
+def test_folders_written_with_the_old_metric_names_read_with_the_new(tmp_path):
+    from tunelab.tracking.compare import read_run
+    from tunelab.tracking.metrics import write_json
+
+    run = make_run(tmp_path, "old", r=8, right=6)
+    summary = json.loads((run / "summary.json").read_text())
+    summary["eval"]["after"]["rouge1"] = summary["eval"]["after"]["rougeLsum"] = 0.5  # as tunelab wrote them before
+    write_json(run / "summary.json", summary)
+    folder = read_run(run, "old")
+    assert folder.results["after"]["rouge_1"] == folder.results["after"]["rouge_lsum"] == 0.5
+    assert "rouge1" not in folder.results["after"]

@@ -106,7 +106,7 @@ def test_run_folder_eval_writes_results_against_its_base_model(run_eval, lora_ru
     assert "test.jsonl" in saved["data"]["perplexity"]  # the run's held-out rows
     expected = {
         "perplexity": {"loss", "perplexity", "tokens", "n"},
-        "rouge": {"rouge1", "rouge2", "rouge_l", "rougeLsum", "n"},
+        "rouge": {"rouge_1", "rouge_2", "rouge_l", "rouge_lsum", "n"},
         "exact_match": {"exact_match", "n"},
         "bleu": {"bleu", "n"},
         "echo": {"exact_match", "rouge_l", "n"},
@@ -162,9 +162,9 @@ def test_rouge_in_results_equals_rouge_score_on_saved_predictions(tmp_path):
     scorer = RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"], use_stemmer=True)
     lines = lambda text: "\n".join(s for s in re.split(r"(?<=[.!?])\s+|\n+", text.strip()) if s)  # noqa: E731
     scores = [scorer.score(lines(r["reference"]), lines(r["prediction"])) for r in rows]
-    for ours, theirs in (("rouge1", "rouge1"), ("rouge2", "rouge2"), ("rouge_l", "rougeL"), ("rougeLsum", "rougeLsum")):
+    for ours, theirs in (("rouge_1", "rouge1"), ("rouge_2", "rouge2"), ("rouge_l", "rougeL"), ("rouge_lsum", "rougeLsum")):
         assert saved[ours] == pytest.approx(sum(s[theirs].fmeasure for s in scores) / len(scores), abs=1e-12)
-    assert saved["rouge1"] > 0.05  # real overlap, not an all-zero comparison
+    assert saved["rouge_1"] > 0.05  # real overlap, not an all-zero comparison
 
 
 def test_report_escapes_content_and_links_predictions(run_eval):

@@ -33,13 +33,13 @@ def test_rouge_hand_computed():
     #                                                 -> rougeL = rougeLsum = 9/11
     scores = rouge(PRED, REF)
     assert scores == pytest.approx(
-        {"rouge1": 10 / 11, "rouge2": 0.5, "rougeL": 9 / 11, "rougeLsum": 9 / 11})
+        {"rouge_1": 10 / 11, "rouge_2": 0.5, "rouge_l": 9 / 11, "rouge_lsum": 9 / 11})
     assert rouge_l(PRED, REF) == pytest.approx(9 / 11)
 
 
 def test_rouge_uses_stemmer():
-    assert rouge("cats", "cat")["rouge1"] == 1.0
-    assert rouge("dog", "cat")["rouge1"] == 0.0
+    assert rouge("cats", "cat")["rouge_1"] == 1.0
+    assert rouge("dog", "cat")["rouge_1"] == 0.0
 
 
 def test_rouge_lsum_splits_sentences_into_lines():
@@ -48,8 +48,8 @@ def test_rouge_lsum_splits_sentences_into_lines():
     # Per sentence, each reference sentence is matched fully by one predicted sentence:
     # union LCS = 3 + 3 = 6 -> rougeLsum = 1.0 (only if sentences became lines).
     scores = rouge("The dog ran. The cat sat.", "The cat sat. The dog ran.")
-    assert scores["rougeL"] == pytest.approx(0.5)
-    assert scores["rougeLsum"] == pytest.approx(1.0)
+    assert scores["rouge_l"] == pytest.approx(0.5)
+    assert scores["rouge_lsum"] == pytest.approx(1.0)
 
 
 def test_field_accuracy_partial_credit():
@@ -76,7 +76,17 @@ def test_score_averages_over_rows():
 def test_score_rouge_expands_to_its_parts():
     result = score([PRED], [REF], ["rouge", "rouge_l"])
     assert result == pytest.approx(
-        {"rouge1": 10 / 11, "rouge2": 0.5, "rouge_l": 9 / 11, "rougeLsum": 9 / 11})
+        {"rouge_1": 10 / 11, "rouge_2": 0.5, "rouge_l": 9 / 11, "rouge_lsum": 9 / 11})
+
+
+def test_metric_names_are_snake_case_and_old_names_read_as_new():
+    from tunelab.evals.metrics import current_names, metric_of, result_keys
+
+    assert result_keys(["rouge", "exact_match"]) == ["rouge_1", "rouge_2", "rouge_l", "rouge_lsum", "exact_match"]
+    old = {"eval": {"after": {"rouge1": 0.5, "rougeLsum": 0.4, "rouge_l": 0.3}}, "tasks": [{"eval_rouge2": 0.1}]}
+    assert current_names(old) == {"eval": {"after": {"rouge_1": 0.5, "rouge_lsum": 0.4, "rouge_l": 0.3}},
+                                  "tasks": [{"eval_rouge_2": 0.1}]}
+    assert metric_of("rouge2") == metric_of("rouge_2") == "rouge"
 
 
 def test_score_errors():

@@ -172,7 +172,7 @@ def test_generation_metric_is_scored_mid_run_and_picks_the_best_checkpoint(tmp_p
     logged = read_jsonl(tmp_path / "a/run/metrics.jsonl")
     scored = [r["step"] for r in logged if "eval_rouge_l" in r]
     assert scored == [4] and all(0 <= r["eval_rouge_l"] <= 1 for r in logged if "eval_rouge_l" in r)
-    assert "eval_rouge1" in next(r for r in logged if r["step"] == 4 and "eval_rouge_l" in r)
+    assert "eval_rouge_1" in next(r for r in logged if r["step"] == 4 and "eval_rouge_l" in r)
 
     # Then selection: scores that peak at step 4 while the loss keeps falling; the run keeps step 4.
     peaks = {2: 0.2, 4: 0.9, 6: 0.1}

@@ -17,6 +17,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 
 from tunelab.board.runs import find_runs, is_run, resolve, run_page, run_row
 from tunelab.errors import TunelabError
+from tunelab.evals.metrics import current_names
 from tunelab.templates import asset, render
 from tunelab.tracking.metrics import read_jsonl
 from tunelab.tracking.status import read_status
@@ -82,7 +83,7 @@ def create_app(runs_dir: str | Path) -> FastAPI:
         path = run_folder(name)
         if path is None:
             return JSONResponse({"error": f"no run {name}"}, status_code=404)
-        records = read_jsonl(path / "metrics.jsonl")
+        records = current_names(read_jsonl(path / "metrics.jsonl"))  # old folders: eval_rouge1 → eval_rouge_1
         status = read_status(path)
         return JSONResponse({"records": records[since:], "next": len(records), "state": status["state"],
                              "step": status.get("step")}, headers={"Cache-Control": "no-store"})

@@ -14,6 +14,7 @@ from typing import Any
 
 from tunelab.errors import TunelabError
 from tunelab.evals.intervals import add_run_intervals
+from tunelab.evals.metrics import current_names
 from tunelab.tracking.compare import read_config
 from tunelab.tracking.metrics import read_jsonl
 from tunelab.tracking.stat_tables import before_after_rows, scores
@@ -71,9 +72,9 @@ def last_value(records: list[dict], key: str) -> Any:
 
 def run_row(root: Path, path: Path) -> dict:
     """One line of the runs list: name, state, model, method, step, key metrics, tokens/s."""
-    summary, config, status = read_json_object(path / "summary.json"), read_config(path), read_status(path)
+    summary, config, status = current_names(read_json_object(path / "summary.json")), read_config(path), read_status(path)
     after = scores((summary.get("eval") or {}).get("after"))
-    records = [] if summary else read_jsonl(path / "metrics.jsonl")
+    records = [] if summary else current_names(read_jsonl(path / "metrics.jsonl"))
     train = summary.get("train") or {}
     metrics = dict(list(after.items())[:4]) if after else {
         k: v for k in ("loss", "eval_loss") if (v := last_value(records, k)) is not None}
@@ -91,7 +92,7 @@ def run_row(root: Path, path: Path) -> dict:
 
 def run_page(root: Path, path: Path) -> dict:
     """Everything the run page shows except the curves (board.js fetches those)."""
-    summary = read_json_object(path / "summary.json")
+    summary = current_names(read_json_object(path / "summary.json"))  # old folders: rouge1 → rouge_1
     samples = read_jsonl(path / "samples.jsonl")
     ev = add_run_intervals(copy.deepcopy(summary), samples)["eval"] if summary else {}
     checkpoints = sorted((p for p in (path / "checkpoints").glob("checkpoint-*") if p.is_dir()),

@@ -16,7 +16,11 @@ from tunelab.data.synthetic import parse_fields
 if TYPE_CHECKING:
     from rouge_score.rouge_scorer import RougeScorer
 
-_ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+_ROUGE_TYPES = {"rouge1": "rouge_1", "rouge2": "rouge_2", "rougeL": "rouge_l", "rougeLsum": "rouge_lsum"}
+"""rouge_score's names → ours: every metric key is snake_case (rouge_l is also the standalone metric)."""
+RENAMED = {"rouge1": "rouge_1", "rouge2": "rouge_2", "rougeLsum": "rouge_lsum"}
+"""Metric keys in run and eval folders written before the snake_case names (summary.json,
+results.json, kfold.json; `eval_`-prefixed in metrics.jsonl), and their names now."""
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 
 
@@ -30,19 +34,20 @@ def exact_match(prediction: str, reference: str) -> float:
 
 
 def rouge(prediction: str, reference: str) -> dict[str, float]:
-    """ROUGE-1, ROUGE-2, ROUGE-L and ROUGE-Lsum F-measures (``rouge_score``, Porter stemmer).
+    """ROUGE-1, ROUGE-2, ROUGE-L and ROUGE-Lsum F-measures (``rouge_score``, Porter stemmer) as
+    ``rouge_1``, ``rouge_2``, ``rouge_l`` and ``rouge_lsum``.
 
     ROUGE-Lsum computes LCS per line, so both texts get one sentence per line first (split
     after ``.``, ``!`` or ``?``; line breaks stay), as the HF ``evaluate`` rouge metric
     expects its callers to do; ROUGE-1/2/L ignore line breaks, so they see the same text.
     """
     scores = _scorer().score(_one_sentence_per_line(reference), _one_sentence_per_line(prediction))
-    return {name: scores[name].fmeasure for name in _ROUGE_TYPES}
+    return {ours: scores[theirs].fmeasure for theirs, ours in _ROUGE_TYPES.items()}
 
 
 def rouge_l(prediction: str, reference: str) -> float:
     """ROUGE-L F-measure: longest common subsequence of words, order-aware."""
-    return rouge(prediction, reference)["rougeL"]
+    return rouge(prediction, reference)["rouge_l"]
 
 
 def field_accuracy(prediction: str, reference: str) -> float:
@@ -69,8 +74,8 @@ METRICS: dict[str, Callable[[str, str], float | dict[str, float]]] = {
 def score(predictions: list[str], references: list[str], names: list[str]) -> dict[str, float]:
     """Mean of each named metric over the rows.
 
-    Keys: the metric's name, or for ``rouge`` its parts ``rouge1``, ``rouge2``, ``rouge_l``
-    (same value as the ``rouge_l`` metric) and ``rougeLsum``.
+    Keys: the metric's name, or for ``rouge`` its parts ``rouge_1``, ``rouge_2``, ``rouge_l``
+    (same value as the ``rouge_l`` metric) and ``rouge_lsum``.
     """
     return {key: fmean(values) for key, values in per_row(predictions, references, names).items()}
 
@@ -92,15 +97,16 @@ def per_row(predictions: list[str], references: list[str], names: list[str]) -> 
         rows = [METRICS[name](p, r) for p, r in zip(predictions, references)]
         if isinstance(rows[0], dict):
             for part in rows[0]:
-                values[_result_key(part)] = [row[part] for row in rows]
+                values[part] = [row[part] for row in rows]
         else:
             values[name] = rows
     return values
 
 
 def metric_of(key: str) -> str | None:
-    """The per-row metric whose ``score`` output holds `key` (``rouge2`` → ``rouge``), or None
-    for keys no per-row metric reports (loss, corpus BLEU, harness accuracies)."""
+    """The per-row metric whose ``score`` output holds `key` (``rouge_2``, or the old ``rouge2``,
+    → ``rouge``), or None for keys no per-row metric reports (loss, corpus BLEU, harness accuracies)."""
+    key = RENAMED.get(key, key)
     if key in METRICS and key != "rouge":
         return key
     return "rouge" if key in result_keys(["rouge"]) else None
@@ -108,13 +114,25 @@ def metric_of(key: str) -> str | None:
 
 def result_keys(names: list[str]) -> list[str]:
     """The keys ``score`` returns for these metric names, known before anything is generated."""
-    parts = {"rouge": [_result_key(part) for part in _ROUGE_TYPES]}
+    parts = {"rouge": list(_ROUGE_TYPES.values())}
     return list(dict.fromkeys(key for name in names for key in parts.get(name, [name])))
 
 
-def _result_key(rouge_type: str) -> str:
-    """ROUGE-L is reported as ``rouge_l``, the name of the standalone metric."""
-    return "rouge_l" if rouge_type == "rougeL" else rouge_type
+def current_names(data):
+    """`data` read from a run or eval folder (dicts and lists, nested) with the old metric keys
+    (`RENAMED`, also `eval_`-prefixed) under their names now; everything else as it was."""
+    if isinstance(data, list):
+        return [current_names(item) for item in data]
+    if not isinstance(data, dict):
+        return data
+    return {_current(key): current_names(value) for key, value in data.items()}
+
+
+def _current(key):
+    if not isinstance(key, str):
+        return key
+    prefix = "eval_" if key.startswith("eval_") else ""
+    return prefix + RENAMED.get(key.removeprefix(prefix), key.removeprefix(prefix))
 
 
 def corpus_bleu(predictions: list[str], references: list[str]) -> float:

@@ -202,6 +202,7 @@ def write_manual(path: Path, task: DatasetTask, predictions: list[dict], n: int,
 def write_outputs(out: Path, results: dict, predictions: list[dict], run_dir: Path | None) -> None:
     """results.json, predictions.jsonl, the comparison chart, the training curves of a run folder
     (curves/), and report.html showing them."""
+    from tunelab.evals.metrics import current_names
     from tunelab.tracking.metrics import atomic_write_text, read_jsonl, write_json
     from tunelab.tracking.plots import plot_comparison, plot_metrics
     from tunelab.tracking.report import write_eval_report
@@ -211,6 +212,6 @@ def write_outputs(out: Path, results: dict, predictions: list[dict], run_dir: Pa
     atomic_write_text(out / "predictions.jsonl", "".join(lines))
     chart = plot_comparison(results, out / "comparison.png")
     if run_dir is not None and (run_dir / "metrics.jsonl").is_file():
-        plot_metrics(read_jsonl(run_dir / "metrics.jsonl"), out / "curves")
+        plot_metrics(current_names(read_jsonl(run_dir / "metrics.jsonl")), out / "curves")  # old: eval_rouge1
     write_eval_report(out, results, predictions, chart)
     log.info("evaluation written to %s", out)

@@ -21,6 +21,7 @@ import yaml
 
 from tunelab.config import Config, build_config, set_path
 from tunelab.errors import TunelabError
+from tunelab.evals.metrics import current_names
 from tunelab.lifecycle import RunResult, last_checkpoint
 from tunelab.stages import sft
 from tunelab.tracking.metrics import write_json
@@ -99,7 +100,7 @@ def fold_summary(cfg: Config) -> dict:
     summary = cfg.run.path / "summary.json"
     if summary.exists():
         log.info("k-fold: reusing the finished run in %s", cfg.run.path)
-        return json.loads(summary.read_text())
+        return current_names(json.loads(summary.read_text()))  # a fold from before the snake_case names
     log.info("k-fold: training %s", cfg.run.path)
     return sft.run(cfg).summary
 

@@ -26,7 +26,7 @@ import yaml
 
 from tunelab.errors import TunelabError
 from tunelab.evals.intervals import add_eval_intervals, add_run_intervals, differences, row_values
-from tunelab.evals.metrics import result_keys
+from tunelab.evals.metrics import current_names, result_keys
 from tunelab.tracking.metrics import atomic_write_text, read_jsonl, write_json
 from tunelab.tracking.status import read_json_object, read_status
 
@@ -86,7 +86,7 @@ def kind_of(path: Path) -> str | None:
 
 
 def read_run(path: Path, name: str) -> Folder:
-    summary = read_json_object(path / "summary.json")
+    summary = current_names(read_json_object(path / "summary.json"))  # old folders: rouge1 → rouge_1
     samples = read_jsonl(path / "samples.jsonl")
     ev = add_run_intervals(copy.deepcopy(summary), samples)["eval"]
     config = read_config(path)
@@ -96,12 +96,12 @@ def read_run(path: Path, name: str) -> Folder:
             "method": summary.get("method") or (config.get("peft") or {}).get("method"),
             "status": read_status(path)["state"]}
     return Folder(name, path, "run", flatten(config), flatten(read_json_object(path / "data_stats.json") or summary.get("data")),
-                  read_jsonl(path / "metrics.jsonl"), ev, {RUN_TASK: rows} if rows else {},
+                  current_names(read_jsonl(path / "metrics.jsonl")), ev, {RUN_TASK: rows} if rows else {},
                   {RUN_TASK: ev.get("after") or {}}, info)
 
 
 def read_eval(path: Path, name: str) -> Folder:
-    results = read_json_object(path / "results.json")
+    results = current_names(read_json_object(path / "results.json"))
     if not isinstance(results.get("tasks"), dict):
         raise TunelabError(f"{path / 'results.json'}: not a `tunelab eval` result (no `tasks`); re-run tunelab eval")
     predictions = read_jsonl(path / "predictions.jsonl")

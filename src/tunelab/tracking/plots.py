@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 _LOSS_SERIES = (("loss", "train", "-"), ("eval_loss", "validation", "o-"))
 _PPL_SERIES = (("train_perplexity", "train", "-"), ("perplexity", "validation", "o-"))
 # Generation metrics that train.eval_generation may log at mid-run validations.
-_GENERATION_SERIES = tuple((f"eval_{m}", m, "o-") for m in ("rouge_l", "rouge1", "rouge2", "exact_match", "field_accuracy"))
+_GENERATION_SERIES = tuple((f"eval_{m}", m, "o-") for m in ("rouge_l", "rouge_1", "rouge_2", "exact_match", "field_accuracy"))
 # Above this max/min ratio a linear axis flattens the interesting end of the curve.
 _LOG_SCALE_RATIO = 20.0
 
