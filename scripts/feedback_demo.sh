@@ -12,15 +12,19 @@
 #   report: the listwise reward model against the held-out human rankings (bootstrap intervals);
 #   add-task --select uncertain: the two reward models as a committee pick 5 of the demo's prompts to review again.
 # Prints one table of before/after numbers and peak memory; everything is under DEMO/feedback/.
+# EXTRA="key=value ..." is appended to every training command (e.g. EXTRA="train.max_steps=4" on a busy machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
-RUN=${1:-$(ls -d runs/quickstart-*/ 2>/dev/null | while read -r d; do [ -e "$d/adapter" ] && echo "${d%/}"; done | sort | tail -1)}
+read -r -a EXTRA <<< "${EXTRA:-}"
+newest_run() { { ls -d runs/quickstart-*/ 2>/dev/null || true; } | while read -r d; do [ -e "$d/adapter" ] && echo "${d%/}"; done | sort | tail -1; }
+RUN=${1:-$(newest_run)}
 DEMO=${2:-review-demo}
-if [ ! -e "$DEMO/review.db" ]; then
-    bash scripts/review_demo.sh "$RUN" "$DEMO"  # an empty RUN: it picks (or makes) the quickstart run itself
-    RUN=${RUN:-$(ls -d runs/quickstart-*/ | sort | tail -1)}; RUN=${RUN%/}
+if [ -z "$RUN" ]; then
+    $BIN/tunelab quickstart "${EXTRA[@]}"
+    RUN=$(newest_run)
 fi
+[ -e "$DEMO/review.db" ] || bash scripts/review_demo.sh "$RUN" "$DEMO"
 DB="$DEMO/review.db"
 OUT="$DEMO/feedback"
 rm -rf "$OUT" && mkdir -p "$OUT"
@@ -33,21 +37,21 @@ COMMON=(model.name="$RUN" data.max_length=384 data.validation_fraction=0.25 data
         data.max_eval_samples=null train.eval_every=null train.batch_size=4 train.warmup_ratio=0
         eval.generation_samples=4 eval.max_new_tokens=48 eval.batch_size=4)
 $BIN/tunelab reward recipes/reward.yaml "${COMMON[@]}" run.dir="$OUT/reward-pairwise" \
-    data.format=preferences data.source="$OUT/pairs.jsonl" train.max_steps=12 train.lr=1e-4
+    data.format=preferences data.source="$OUT/pairs.jsonl" train.max_steps=12 train.lr=1e-4 "${EXTRA[@]}"
 $BIN/tunelab reward recipes/reward.yaml "${COMMON[@]}" run.dir="$OUT/reward-listwise" \
     data.format=rankings data.source="$OUT/rankings.jsonl" preference.loss=listwise \
-    preference.weight_by_agreement=true train.max_steps=12 train.lr=1e-4
+    preference.weight_by_agreement=true train.max_steps=12 train.lr=1e-4 "${EXTRA[@]}"
 for METHOD in dpo orpo simpo; do
     BETA=$([ "$METHOD" = simpo ] && echo 2.0 || echo 0.1)
     $BIN/tunelab dpo recipes/dpo.yaml "${COMMON[@]}" run.dir="$OUT/dpo-$METHOD" data.format=preferences \
-        data.source="$OUT/pairs.jsonl" preference.method=$METHOD preference.beta=$BETA train.max_steps=8 train.lr=5e-5
+        data.source="$OUT/pairs.jsonl" preference.method=$METHOD preference.beta=$BETA train.max_steps=8 train.lr=5e-5 "${EXTRA[@]}"
 done
 $BIN/tunelab kto recipes/kto.yaml "${COMMON[@]}" run.dir="$OUT/kto" data.format=ratings \
-    data.source="$OUT/ratings.jsonl" train.max_steps=8 train.lr=5e-5
+    data.source="$OUT/ratings.jsonl" train.max_steps=8 train.lr=5e-5 "${EXTRA[@]}"
 $BIN/tunelab rl recipes/rl.yaml "${COMMON[@]}" run.dir="$OUT/rl-grpo" data.format=preferences \
     data.source="$OUT/pairs.jsonl" preference.reward_model=null preference.algorithm=grpo \
     "preference.rewards=[{reward_model: $OUT/reward-listwise, weight: 1.0}, {function: rouge, weight: 1.0}]" \
-    preference.num_generations=4 preference.max_new_tokens=32 train.max_steps=6 train.lr=5e-5
+    preference.num_generations=4 preference.max_new_tokens=32 train.max_steps=6 train.lr=5e-5 "${EXTRA[@]}"
 
 $BIN/tunelab review report --db "$DB" --output "$OUT/report" --reward-model "$OUT/reward-listwise"
 cp "$DB" "$OUT/select.db"  # a copy: the demo's own project stays as the reviewers left it
