@@ -33,7 +33,7 @@ def served(tokenizer):
 
     model = make_tiny_model(tokenizer).eval()
     model.config.use_cache = True
-    engine = build_engine("paged", model, tokenizer, kv_budget_tokens=4096, sampling=True)
+    engine = build_engine("paged", model, tokenizer, kv_budget_tokens=4096)
     app = create_app(engine, "tiny", api_key=KEY, default_max_tokens=8)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=_free_port(), log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -266,3 +266,27 @@ def test_a_client_that_hangs_up_cancels_its_non_streaming_request(served):
         assert metrics["kv"]["running"] == 0 and metrics["requests_in_flight"] == 0
     finally:
         engine.cancel = real_cancel
+
+
+def test_a_stopped_engine_answers_503_not_silence(tokenizer):
+    """A dead engine thread used to leave every request hanging while /health said ok."""
+    from fastapi.testclient import TestClient
+
+    from tunelab.inference.backends import build_engine
+    from tunelab.inference.base import SamplingParams
+    from tunelab.inference.server import create_app
+
+    model = make_tiny_model(tokenizer).eval()
+    model.config.use_cache = True
+    engine = build_engine("paged", model, tokenizer, kv_budget_tokens=1024)
+    engine.generate([[1, 50, 60]], SamplingParams(max_new_tokens=3))
+    deadline = time.time() + 5
+    while engine.kv()["now"]["running"] and time.time() < deadline:  # the idle snapshot follows the last step
+        time.sleep(0.01)
+    assert engine.kv()["now"]["running"] == 0
+    with TestClient(create_app(engine, "tiny")) as http:
+        assert http.get("/health").json() == {"status": "ok"}
+        engine.close()
+        assert http.get("/health").status_code == 503
+        reply = http.post("/v1/chat/completions", json={"model": "tiny", "messages": MESSAGES, "max_tokens": 3})
+        assert reply.status_code == 503 and reply.json()["error"]["code"] == "engine_stopped"

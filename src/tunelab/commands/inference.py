@@ -235,8 +235,9 @@ def _serve(args) -> None:
         raise TunelabError("serve: vLLM has its own OpenAI server (`vllm serve`); tunelab serves with --backend paged or static")
     model, tokenizer = load_for_eval(args.target)
     model = attach_adapters(model, adapters)
-    options = _engine_options(args) | ({"sampling": True} if backend == "paged" else {})
-    engine = build_engine(backend, model, tokenizer, **options)
+    engine = build_engine(backend, model, tokenizer, **_engine_options(args))
+    if hasattr(engine, "capture") and model.device.type == "cuda":
+        engine.capture()  # the decode graphs now, so the first requests don't pay for them
     app = create_app(engine, args.target, adapters=list(adapters), api_key=args.api_key,
                      default_max_tokens=args.max_new_tokens, max_body_bytes=args.max_body_bytes)
     print(f"serving {args.target} ({backend}) on http://{args.host}:{args.port}/v1  models: "
@@ -269,7 +270,8 @@ def _bench(args) -> None:
 def _add_model_options(p, styles: bool = True) -> None:
     p.add_argument("target", help=TARGET_HELP)
     p.add_argument("--backend", default="auto", choices=["auto", "paged", "static", "vllm"],
-                   help="auto: vllm when installed with a GPU, else paged (transformers' paged KV cache)")
+                   help="auto: vllm when installed with a GPU, else paged (tunelab's engine: paged KV cache, "
+                        "continuous batching, graph-captured decode); static: generate() on padded batches")
     p.add_argument("--kv-budget-tokens", type=int, help="KV cache size in tokens (default: 8192 on CPU, from free memory on a GPU)")
     p.add_argument("--page-size", type=int, default=16, help="tokens per KV block (paged)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="generation length limit")

@@ -179,6 +179,11 @@ class Engine(ABC):
             return {"now": {}, "summary": {}}
         return {"now": self.ledger.now(), "summary": self.ledger.summary()}
 
+    def alive(self) -> bool:
+        """Whether the engine can still generate (its background thread runs); the server's /health
+        and new requests read it, so a dead engine answers 503 instead of leaving clients hanging."""
+        return True
+
     def exclusive(self) -> contextlib.AbstractContextManager:
         """Hold `model` while no generation step runs (to use it for something else)."""
         raise TunelabError(f"--backend {self.name}: the model is not reachable outside the engine; "

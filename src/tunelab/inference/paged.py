@@ -112,6 +112,9 @@ class PagedEngine(Engine):
     def waiting(self) -> int:
         return len(self._inbox) + len(self.scheduler.waiting)
 
+    def alive(self) -> bool:
+        return self._worker.is_alive() and not self._closed
+
     def exclusive(self) -> threading.Lock:
         """The model is free between steps; hold this lock to use it."""
         return self._model_lock
@@ -137,7 +140,11 @@ class PagedEngine(Engine):
         flight = None  # (step, its sampling rows, pending read-back): a decode step queued on the GPU
         while True:
             with self._cond:
-                while not (flight or self._inbox or self._cancels or self.scheduler.has_work() or self._closed):
+                idle = lambda: not (flight or self._inbox or self._cancels or self.scheduler.has_work()  # noqa: E731
+                                    or self._closed)
+                if idle():
+                    self._record(step=False)  # nothing runs now: the KV figures say so until the next step
+                while idle():
                     self._cond.wait()
                 if self._closed:
                     if flight is not None:
@@ -146,11 +153,11 @@ class PagedEngine(Engine):
                     return
                 new, self._inbox = list(self._inbox), deque()
                 cancels, self._cancels = self._cancels, set()
-            for handle in new:
-                self._admit(handle)
-            for request_id in cancels:
-                self._cancel_now(request_id)
             try:
+                for handle in new:
+                    self._admit(handle)
+                for request_id in cancels:
+                    self._cancel_now(request_id)
                 with self._model_lock:
                     flight = self._turn(flight)
             except Exception as err:  # noqa: BLE001 — reported on every request, not lost in a thread

@@ -275,6 +275,9 @@ def create_app(engine: Engine, model_name: str, *, adapters: list[str] = (), api
         return await asyncio.get_running_loop().run_in_executor(tokenizing, fn, *args)
 
     def checked(req: _Sampling, ids: list[int]) -> SamplingParams:
+        if not engine.alive():
+            raise ApiError(503, "the generation engine has stopped (see the server's log); restart `tunelab serve`",
+                           kind="server_error", code="engine_stopped")
         if req.model not in names:
             raise ApiError(404, f"model '{req.model}' does not exist; available: {', '.join(names)}",
                            param="model", code="model_not_found")
@@ -386,6 +389,8 @@ def create_app(engine: Engine, model_name: str, *, adapters: list[str] = (), api
 
     @app.get("/health")
     async def health():
+        if not engine.alive():
+            return JSONResponse({"status": "engine stopped"}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics")

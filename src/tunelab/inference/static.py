@@ -57,6 +57,9 @@ class StaticEngine(Engine):
     def waiting(self) -> int:
         return len(self._waiting)
 
+    def alive(self) -> bool:
+        return self._worker.is_alive() and not self._closed
+
     def exclusive(self) -> threading.Lock:
         """The model is free between batches; hold this lock to use it."""
         return self._model_lock
