@@ -329,3 +329,36 @@ def test_missing_report_to_integration_fails_early(tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
     with pytest.raises(TunelabError, match="tracking.report_to: mlflow is not installed"):
         wandb_report_to(False, "p", "r", tmp_path, ["mlflow"])
+
+
+def test_tensorboard_and_wandb_get_the_results_and_samples(clean_wandb_env, tmp_path, tiny_model_dir, task_dir,
+                                                           monkeypatch, caplog):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tests.test_sft import _cfg
+    from tunelab.stages import sft
+
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", "restored-after-the-test")
+    cfg = _cfg(tmp_path, tiny_model_dir, task_dir, "train.max_steps=2", "tracking.wandb=true",
+               "tracking.report_to=[tensorboard]")
+    with caplog.at_level(logging.INFO, logger="tunelab"):
+        run = sft.run(cfg).run_dir
+    assert f"TensorBoard: {run / 'tensorboard'}" in caplog.text
+    assert not (run / "checkpoints" / "runs").exists()
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"tensors": 0})
+    events.Reload()
+    assert "train/loss" in events.Tags()["scalars"]  # the trainer's own numbers, in the same place
+    texts = {tag.removesuffix("/text_summary"): events.Tensors(tag)[-1].tensor_proto.string_val[0].decode()
+             for tag in events.Tags()["tensors"]}
+    assert "before" in texts["results/before_after"] and "loss" in texts["results/before_after"]
+    assert "after" in texts["results/samples"] and "reference" in texts["results/samples"]
+
+    offline = next((run / "wandb").glob("offline-run-*"))  # offline W&B: tables as files, the rest in the .wandb log
+    tables = offline / "files" / "media" / "table" / "results"
+    before_after = json.loads(next(tables.glob("before_after_*.table.json")).read_text())
+    loss = json.loads((run / "summary.json").read_text())["eval"]["after"]["loss"]
+    assert before_after["columns"] == ["metric", "before", "after", "change"]
+    assert before_after["data"][0][0] == "loss" and before_after["data"][0][2] == pytest.approx(loss)
+    samples = json.loads(next(tables.glob("samples_*.table.json")).read_text())
+    assert samples["columns"] == ["prompt", "reference", "before", "after"] and samples["data"]
+    assert b"after/loss" in next(offline.glob("*.wandb")).read_bytes()  # the summary's before/after numbers

@@ -28,7 +28,7 @@ from tunelab import distributed
 from tunelab.config import Config, dump_config
 from tunelab.distributed import is_main
 from tunelab.errors import TunelabError
-from tunelab.tracking.metrics import read_jsonl, write_json
+from tunelab.tracking.metrics import atomic_write_text, read_jsonl, write_json
 from tunelab.tracking.status import CHECKPOINT_DONE, checkpoint_complete, checkpoint_folders
 
 log = logging.getLogger(__name__)
@@ -244,15 +244,15 @@ def save_output(trainer, tokenizer, cfg: Config, run_dir: Path, state_dict: dict
 def run(cfg: Config, stage: Stage) -> RunResult:
     """The whole run of `stage` under `cfg`; see the module docstring for the sequence."""
     from transformers import set_seed
-
-    from tunelab.models.build import precision
-    from tunelab.trainer import stage_arguments
     from transformers.trainer_callback import ProgressCallback
 
+    from tunelab.models.build import precision
     from tunelab.tracking.live import CheckpointMarker, MetricsCallback, ProgressLines
     from tunelab.tracking.plots import plot_curves, plot_metrics
     from tunelab.tracking.report import write_report
+    from tunelab.tracking.trackers import send_results, tensorboard_dir
     from tunelab.tracking.wandb_setup import finish_wandb, wandb_report_to
+    from tunelab.trainer import stage_arguments
 
     check_processes(cfg, stage)
     run_dir, resume_from, cut = open_run_dir(cfg)
@@ -261,6 +261,7 @@ def run(cfg: Config, stage: Stage) -> RunResult:
     with as_it_was_on_failure(run_dir):
         report_to = wandb_report_to(cfg.tracking.wandb, cfg.tracking.project, cfg.run.name, run_dir,
                                     list(cfg.tracking.report_to))  # checks the integrations before the model loads
+        tensorboard = tensorboard_dir(run_dir, report_to) if is_main() else None
         set_seed(cfg.run.seed)  # LoRA's A matrices, new embedding rows, a score head: drawn from the global RNG
         with distributed.main_process_first():  # rank 0 fills the caches (converted GGUF, tokenized data) first
             loaded = stage.load(cfg, distributed.fsdp_enabled(cfg))  # checks rows before the model loads
@@ -278,6 +279,9 @@ def run(cfg: Config, stage: Stage) -> RunResult:
     timing = train(trainer, resume_from)
     before, before_rows = before if isinstance(before, tuple) else before.result
     after, after_rows = stage.measure(trainer, cfg, loaded, "after")
+    samples = sample_rows(before_rows, after_rows)
+    if is_main():
+        send_results(before, after, samples, trainer.state.global_step, tensorboard)
     finish_wandb()  # transformers never closes its W&B run; flush it before the report
 
     full = cfg.peft.method == "full"
@@ -287,8 +291,8 @@ def run(cfg: Config, stage: Stage) -> RunResult:
     if not is_main():
         return RunResult(run_dir, {})
     out = save_output(trainer, loaded.tokenizer, cfg, run_dir, state_dict)
-    if after_rows:
-        write_samples(run_dir / "samples.jsonl", before_rows, after_rows)
+    if samples:
+        atomic_write_text(run_dir / "samples.jsonl", "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in samples))
     summary = {
         "command": stage.name,
         "model": cfg.model.name,
@@ -350,12 +354,16 @@ def mean_train_loss(records: list[dict]) -> float | None:
     return sum(n * loss for n, (_, loss) in zip(steps, logged)) / sum(steps) if sum(steps) else None
 
 
-def write_samples(path: Path, before: list[dict], after: list[dict]) -> None:
-    with path.open("w") as f:
-        for i, row in enumerate(after):
-            f.write(json.dumps({
-                "prompt": row["prompt"],
-                "reference": row["reference"],
-                "before": before[i]["prediction"] if i < len(before) else None,
-                "after": row["prediction"],
-            }) + "\n")
+def sample_rows(before: list[dict], after: list[dict]) -> list[dict]:
+    """samples.jsonl's rows: each generated prompt with its reference and both models' answers,
+    and its conversation (`messages`, the turns before the answer) where the stage kept it."""
+    rows = []
+    for i, row in enumerate(after):
+        rows.append({
+            "prompt": row["prompt"],
+            **({"messages": row["messages"]} if "messages" in row else {}),
+            "reference": row["reference"],
+            "before": before[i]["prediction"] if i < len(before) else None,
+            "after": row["prediction"],
+        })
+    return rows
