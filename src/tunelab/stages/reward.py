@@ -25,21 +25,23 @@ from tunelab.lifecycle import Loaded, RunResult
 
 
 def load(cfg: Config, sharded: bool = False) -> Loaded:
-    """Pairs or rankings with the model's tokenizer; writes train_prompts.json (the run folder exists by now)."""
+    """Pairs (preference.loss=pairwise) or rankings (listwise) with the model's tokenizer."""
+    if cfg.preference.loss == "pairwise":
+        return lifecycle.load_pairs(cfg, sharded)
+    from tunelab.data.preferences import load_rankings
+    from tunelab.models.build import load_tokenizer
+    from tunelab.models.loading import resolve
+
+    tokenizer = load_tokenizer(resolve(cfg.model.name), cfg.model.chat_template)
+    return Loaded(tokenizer, load_rankings(cfg, tokenizer))
+
+
+def record_train_prompts(cfg: Config, loaded: Loaded) -> None:
+    """train_prompts.json: the keys of the prompts this run trains on (the run folder exists when build runs)."""
     from tunelab.data.feedback import TRAIN_PROMPTS, prompt_key
 
-    if cfg.preference.loss == "pairwise":
-        loaded = lifecycle.load_pairs(cfg, sharded)
-    else:
-        from tunelab.data.preferences import load_rankings
-        from tunelab.models.build import load_tokenizer
-        from tunelab.models.loading import resolve
-
-        tokenizer = load_tokenizer(resolve(cfg.model.name), cfg.model.chat_template)
-        loaded = Loaded(tokenizer, load_rankings(cfg, tokenizer))
     keys = sorted({prompt_key(p) for p in loaded.data.train["prompt"]})
     (cfg.run.path / TRAIN_PROMPTS).write_text(json.dumps(keys) + "\n")
-    return loaded
 
 
 def build(cfg: Config, loaded: Loaded, args_for, callbacks):
@@ -48,6 +50,7 @@ def build(cfg: Config, loaded: Loaded, args_for, callbacks):
     from tunelab.models.build import lora_config, precision
     from tunelab.models.reward_model import load_classifier
 
+    record_train_prompts(cfg, loaded)
     args = args_for(RewardConfig, max_length=cfg.data.max_length)
     trainer = RewardTrainer(
         model=load_classifier(cfg, loaded.tokenizer), args=args, train_dataset=loaded.data.train,
@@ -73,6 +76,7 @@ def build_listwise(cfg: Config, loaded: Loaded, args_for, callbacks):
     from tunelab.models.build import apply_peft
     from tunelab.models.reward_model import load_classifier
 
+    record_train_prompts(cfg, loaded)
     tokenizer = loaded.tokenizer
     model = apply_peft(load_classifier(cfg, tokenizer), cfg.peft, bool(cfg.quantization.bits),
                        cfg.train.gradient_checkpointing, task_type="SEQ_CLS")
