@@ -137,7 +137,7 @@ def test_live_callback_heartbeat_and_report_at_validation(tmp_path):
     callback.on_log(None, state, None, logs={"loss": 0.5})
     assert read_status(run)["step"] == 6 and read_status(run)["max_steps"] == 20
     callback.on_evaluate(None, state, None)
-    assert sorted(p.name for p in (run / "plots").glob("*.png")) == ["generation.png", "loss.png"]
+    assert sorted(p.name for p in (run / "plots").glob("*.png")) == ["generation.png", "learning_rate.png", "loss.png"]
     assert "run" in (run / "report.html").read_text()
     callback.on_log(None, SimpleNamespace(global_step=7, max_steps=20, is_world_process_zero=False), None)
     assert read_status(run)["step"] == 6  # other ranks never write

@@ -14,6 +14,7 @@ from tunelab.data.prepare import split
 from tunelab.errors import TunelabError
 from tunelab.stages import kfold, sft
 from tunelab.tracking.report import format_kfold
+from tunelab.tracking.status import CHECKPOINT_DONE
 
 
 def _ids(n: int) -> Dataset:
@@ -88,7 +89,9 @@ def test_sweep_accepts_nested_and_optional_sections():
 
 def test_fold_config_sets_the_fold_its_folder_and_resumes_a_checkpoint(tmp_path):
     cfg = load_config(None, BASE + [f"run.dir={tmp_path}", "run.name=x", "sweep={peft.r: [8, 16]}"])
-    (tmp_path / "peft.r=8" / "fold-1" / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    checkpoint = tmp_path / "peft.r=8" / "fold-1" / "checkpoints" / "checkpoint-2"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / CHECKPOINT_DONE).write_text('{"step": 2, "time": 0}')  # complete (a cut-short one is not resumed)
     fold = kfold.fold_config(cfg, {"peft.r": 8}, 3, 1, tmp_path)
     assert (fold.data.folds, fold.data.fold, fold.peft.r, fold.sweep) == (3, 1, 8, None)
     assert fold.run.path == tmp_path / "peft.r=8" / "fold-1" and fold.run.name == "x-peft.r=8-fold-1"

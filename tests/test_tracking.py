@@ -362,3 +362,27 @@ def test_tensorboard_and_wandb_get_the_results_and_samples(clean_wandb_env, tmp_
     samples = json.loads(next(tables.glob("samples_*.table.json")).read_text())
     assert samples["columns"] == ["prompt", "reference", "before", "after"] and samples["data"]
     assert b"after/loss" in next(offline.glob("*.wandb")).read_bytes()  # the summary's before/after numbers
+
+
+def test_report_leads_with_before_after_and_shows_prompts_as_conversations(tmp_path):
+    run = _full_run_dir(tmp_path)
+    (run / "samples.jsonl").write_text("\n".join(json.dumps(s) for s in [
+        {"prompt": "<|im_start|>user\nWhen?<|im_end|>\n<|im_start|>assistant\n", "reference": "Friday",
+         "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "When?"}],
+         "before": "hm", "after": "Friday"},
+        # a run folder from before samples kept their messages: the turns are split out of the template
+        {"prompt": "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhere & how?<|im_end|>\n"
+                   "<|im_start|>assistant\n", "reference": "Cafe", "before": "", "after": "Cafe"},
+        {"prompt": "### User:\nplain template\n\n### Assistant:\n", "reference": "x", "before": "", "after": "x"},
+    ]) + "\n")
+    lr = [{"step": s, "learning_rate": 2e-4 * (1 - s / 6), "loss": 3.0 / s} for s in range(1, 7)]
+    plot_metrics(RECORDS + lr, run / "plots")
+    html = write_report(run).read_text()
+
+    assert html.index("Before / after") < min(html.index("<h2>Training"), html.index("<h2>Data"), html.index("<h2>Plots"))
+    assert 'alt="learning_rate"' in html and html.count('src="data:image/png;base64,') == 3
+    assert "im_start" not in html  # no raw template markers
+    assert '<div class="turn user"><span class="role">user</span>When?</div>' in html
+    assert '<div class="turn system"><span class="role">system</span>Be brief.</div>' in html
+    assert '<span class="role">user</span>Where &amp; how?</div>' in html
+    assert '<span class="role">prompt</span>### User:\nplain template' in html  # no known markers: the text as is

@@ -25,7 +25,8 @@ from tunelab.evals.metrics import current_names
 from tunelab.lifecycle import RunResult, last_checkpoint
 from tunelab.stages import sft
 from tunelab.tracking.metrics import write_json
-from tunelab.tracking.report import lower_is_better, write_kfold_report
+from tunelab.tracking.report import write_kfold_report
+from tunelab.tracking.tables import lower_is_better
 
 log = logging.getLogger(__name__)
 

@@ -57,6 +57,8 @@ def measure(trainer, cfg: Config, loaded: Loaded, label: str) -> tuple[dict, lis
         loaded.model, loaded.tokenizer, loaded.data.eval_examples, cfg.eval.generation_samples, cfg.eval.metrics,
         cfg.eval.max_new_tokens, cfg.eval.batch_size, desc=f"generating ({label})",
     )
+    for row, example in zip(rows, loaded.data.eval_examples):  # the turns before the answer, for the report
+        row["messages"] = example["messages"][:-1]
     result.update(task)
     log.info("eval %s: %s", label, ", ".join(f"{k}={v:.4g}" for k, v in result.items()))
     return result, rows

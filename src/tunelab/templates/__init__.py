@@ -1,5 +1,6 @@
-"""Jinja2 pages of `tunelab compare` (compare/) and `tunelab board` (board/), rendered with
-autoescaping on: prompts, outputs and config values are shown as text, never as HTML."""
+"""Jinja2 pages of `tunelab compare` (compare/), `tunelab board` (board/) and the run, eval and
+k-fold reports (report/), rendered with autoescaping on: prompts, outputs and config values are
+shown as text, never as HTML."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 
 @lru_cache(maxsize=1)
 def environment() -> Environment:
-    from tunelab.tracking.report import fmt_value
     from tunelab.tracking.stat_tables import fmt_difference, fmt_interval, verdict
+    from tunelab.tracking.tables import fmt_value
 
     env = Environment(loader=PackageLoader("tunelab", "templates"), autoescape=True,
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)

@@ -253,7 +253,7 @@ def _scores(metrics: dict | None) -> list[str]:
 
 def format_pairs(result: dict) -> str:
     """Terminal table of the paired differences: b − a (task, rows) | metric | a | b | b − a [95% CI] p."""
-    from tunelab.tracking.report import _text_table, fmt_value
+    from tunelab.tracking.tables import fmt_value, text_table
     from tunelab.tracking.stat_tables import fmt_difference, verdict
 
     rows = [("pair (rows)", "metric", "first", "second", "second − first [95% CI]")]
@@ -264,7 +264,7 @@ def format_pairs(result: dict) -> str:
             rows.append((label, metric, *map(fmt_value, pair["means"][metric]), shown))
     if len(rows) == 1:
         return "no two folders answered the same rows: no paired differences"
-    return _text_table(rows, labels=2)
+    return text_table(rows, labels=2)
 
 
 def write(paths: list[str | os.PathLike], output: str | os.PathLike) -> dict:

@@ -1,4 +1,4 @@
-"""Loss and perplexity curves from metrics.jsonl records, as PNGs for the run folder.
+"""Loss, perplexity and learning-rate curves from metrics.jsonl records, as PNGs for the run folder.
 
 Figures are built with matplotlib's object API (`Figure`), not pyplot: it renders with the
 Agg canvas, never opens a window, keeps no global figure registry to leak, and leaves the
@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 # (records key, legend label, line style)
 _LOSS_SERIES = (("loss", "train", "-"), ("eval_loss", "validation", "o-"))
 _PPL_SERIES = (("train_perplexity", "train", "-"), ("perplexity", "validation", "o-"))
+_LR_SERIES = (("learning_rate", "learning rate", "-"),)
 # Generation metrics that train.eval_generation may log at mid-run validations.
 _GENERATION_SERIES = tuple((f"eval_{m}", m, "o-") for m in ("rouge_l", "rouge_1", "rouge_2", "exact_match", "field_accuracy"))
 # Above this max/min ratio a linear axis flattens the interesting end of the curve.
@@ -34,10 +35,10 @@ def _points(records: Iterable[dict], key: str) -> tuple[list[float], list[float]
     return steps, values
 
 
-def _plot(records: list[dict], series, title: str, ylabel: str, path: Path) -> Path | None:
-    """Draw the series that have points; write nothing and return None if none has."""
+def _plot(records: list[dict], series, title: str, ylabel: str, path: Path, min_points: int = 1) -> Path | None:
+    """Draw the series that have at least `min_points` points; write nothing and return None if none has."""
     curves = [(label, style, *_points(records, key)) for key, label, style in series]
-    curves = [c for c in curves if c[2]]
+    curves = [c for c in curves if len(c[2]) >= min_points]
     if not curves:
         return None
     fig = Figure(figsize=(6, 4), dpi=100)
@@ -58,7 +59,8 @@ def _plot(records: list[dict], series, title: str, ylabel: str, path: Path) -> P
 
 
 def plot_metrics(records: list[dict], out_dir: str | os.PathLike) -> list[Path]:
-    """Write loss.png, perplexity.png and generation.png into `out_dir`; a plot with no points is skipped.
+    """Write loss.png, perplexity.png, generation.png and learning_rate.png into `out_dir`; a plot
+    with no points is skipped (the learning rate needs two: one logged step is no schedule).
 
     Returns the paths written.
     """
@@ -68,6 +70,7 @@ def plot_metrics(records: list[dict], out_dir: str | os.PathLike) -> list[Path]:
         _plot(records, _LOSS_SERIES, "Loss", "cross-entropy loss", out_dir / "loss.png"),
         _plot(records, _PPL_SERIES, "Perplexity", "perplexity", out_dir / "perplexity.png"),
         _plot(records, _GENERATION_SERIES, "Generation metrics (validation)", "score", out_dir / "generation.png"),
+        _plot(records, _LR_SERIES, "Learning rate", "learning rate", out_dir / "learning_rate.png", min_points=2),
     ]
     return [p for p in written if p is not None]
 

@@ -7,7 +7,7 @@ The tables read the keys `evals.intervals` adds; a number without them prints al
 
 from __future__ import annotations
 
-from tunelab.tracking.report import _text_table, fmt_value, lower_is_better
+from tunelab.tracking.tables import fmt_value, lower_is_better, text_table
 
 SIGNIFICANCE = 0.05
 """The p-value below which a difference is called better/worse (not just noise)."""
@@ -100,12 +100,12 @@ def kfold_rows(point: dict, best: str | None) -> list[tuple[str, ...]]:
 
 
 def format_eval(results: dict) -> str:
-    return _text_table(eval_rows(results), labels=2)
+    return text_table(eval_rows(results), labels=2)
 
 
 def format_before_after(ev: dict | None) -> str:
-    return _text_table(before_after_rows(ev))
+    return text_table(before_after_rows(ev))
 
 
 def format_kfold_point(point: dict, best: str | None) -> str:
-    return _text_table(kfold_rows(point, best))
+    return text_table(kfold_rows(point, best))
