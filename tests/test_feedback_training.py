@@ -65,23 +65,25 @@ def test_reference_free_methods_learn_the_preference(method, tmp_path, tiny_mode
 
 
 def test_grpo_with_reward_functions_raises_them(tmp_path, tiny_model_dir, marker_pairs, monkeypatch):
-    """GRPO on two functions: a built-in (length:1, one-word answers) and one of ours by python:module:function."""
+    """GRPO on two functions that agree: a built-in (length:8, answers of 8 words: with 4 new tokens, the
+    more words the better) and one of ours by python:module:function (the share of 4 words). Both vary
+    between the sampled completions of a random model, so every group has an advantage to follow."""
     from tunelab.stages import rl
 
     (tmp_path / "my_rewards.py").write_text(textwrap.dedent("""
-        def short(prompts, completions, reference, **kwargs):
-            return [1.0 / (1 + len(c[0]["content"])) for c in completions]
+        def words(prompts, completions, reference, **kwargs):
+            return [len(c[0]["content"].split()) / 4 for c in completions]
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
     cfg = _cfg(tmp_path / "run", tiny_model_dir, marker_pairs, "preference.algorithm=grpo", "preference.grpo_loss=dr_grpo",
-               'preference.rewards=["length:1", {function: "python:my_rewards:short", weight: 0.5}]',
+               'preference.rewards=["length:8", {function: "python:my_rewards:words", weight: 0.5}]',
                "preference.num_generations=4", "preference.max_new_tokens=4", "train.lr=2e-2", "eval.generation_samples=8")
     result = rl.run(cfg)
     before, after = result.summary["eval"]["before"], result.summary["eval"]["after"]
-    assert after["reward"] > before["reward"] and after["reward/length:1"] > before["reward/length:1"]
-    assert after["reward"] == pytest.approx(after["reward/length:1"] + 0.5 * after["reward/short"])
+    assert after["reward"] > before["reward"] and after["reward/length:8"] > before["reward/length:8"]
+    assert after["reward"] == pytest.approx(after["reward/length:8"] + 0.5 * after["reward/words"])
     steps = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert "rewards/length:1/mean" in steps[0] and "rewards/short/mean" in steps[0]
+    assert "rewards/length:8/mean" in steps[0] and "rewards/words/mean" in steps[0]
 
 
 def test_builtin_reward_functions():
