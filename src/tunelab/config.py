@@ -269,10 +269,24 @@ class TrainConfig(_Section):
     """Passes over the training data (ignored when max_steps is set)."""
     max_steps: int | None = Field(None, ge=1)
     """Stop after this many optimizer steps."""
-    batch_size: int = Field(8, ge=1)
-    """Rows per device per micro-step (a packed row holds several samples)."""
+    batch_size: int | Literal["auto"] = "auto"
+    """Rows per device per micro-step (a packed row holds several samples). `auto`: on one CUDA
+    device SFT probes the largest micro-batch that fits its memory target and meets the step's rows
+    (tokens_per_step) through grad_accum; elsewhere the step's rows split as grad_accum says."""
     grad_accum: int = Field(1, ge=1)
-    """Micro-steps per optimizer step."""
+    """Micro-steps per optimizer step (with batch_size=auto on CUDA, chosen to meet tokens_per_step)."""
+    tokens_per_step: int | None = Field(None, ge=1)
+    """Token slots of one optimizer step over all processes (rows × data.max_length × micro-steps): the
+    optimisation a recipe asks for, whatever the GPU. null = batch_size × grad_accum rows (8 for auto)."""
+
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _rows_or_auto(cls, value: Any) -> Any:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        if isinstance(value, str) and value.isdigit() and int(value) >= 1:
+            return int(value)
+        raise ValueError(f"got {value!r}: a number of rows ≥ 1, or auto")
     lr: float = Field(2e-4, gt=0)
     """Peak learning rate."""
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
@@ -302,6 +316,9 @@ class TrainConfig(_Section):
     rows, liger's fused cross-entropy/RMSNorm/SwiGLU/RoPE where installed); `off`: stock transformers."""
     activation_offload: bool = False
     """With gradient_checkpointing: keep the checkpointed hidden states in pinned CPU memory (less GPU memory)."""
+    compile: Literal["auto", "off"] = "auto"
+    """`auto`: on CUDA, SFT compiles each decoder layer (torch.compile, static [rows, max_length] packed
+    batches; falls back to eager, saying so, where the layer does not compile); `off`: eager."""
     logging_steps: int = Field(1, ge=1)
     """Log train loss every N steps."""
     eval_every: int | None = Field(None, ge=1)
@@ -321,6 +338,21 @@ class TrainConfig(_Section):
     """Stop when the select_on metric stops improving (needs eval_every)."""
     resume: bool = False
     """Continue from the last checkpoint in the run folder (the CLI's --resume)."""
+
+    def planned(self, max_length: int, processes: int = 1) -> tuple[int, int]:
+        """(rows per micro-step per process, micro-steps per optimizer step) without probing: a number
+        batch_size as written; `auto` splits the step's rows (tokens_per_step, else 8 × grad_accum)
+        into grad_accum micro-steps. SFT on one CUDA device replaces `auto` by a probed split."""
+        rows = self.rows_per_step(max_length, processes)
+        if self.batch_size != "auto":
+            return self.batch_size, self.grad_accum if self.tokens_per_step is None else max(1, -(-rows // self.batch_size))
+        return max(1, -(-rows // self.grad_accum)), self.grad_accum
+
+    def rows_per_step(self, max_length: int, processes: int = 1) -> int:
+        """Rows of one optimizer step on each process."""
+        if self.tokens_per_step is not None:
+            return max(1, -(-self.tokens_per_step // (max_length * processes)))
+        return (8 if self.batch_size == "auto" else self.batch_size) * self.grad_accum
 
 
 class GenerationSettings(_Section):

@@ -171,7 +171,8 @@ def eval_loader(trainer, dataset=None):
     from torch.utils.data import DataLoader
 
     rows = dataset if dataset is not None else trainer.eval_dataset
-    return DataLoader(rows, batch_size=trainer.args.eval_batch_size, collate_fn=trainer.data_collator)
+    return DataLoader(rows, batch_size=trainer.args.eval_batch_size,
+                      collate_fn=getattr(trainer, "eval_collator", trainer.data_collator))
 
 
 def full_state_dict(trainer, cast_to=None) -> dict | None:

@@ -72,7 +72,8 @@ class Stage:
     build(cfg, loaded, args_for, callbacks) → the trainer; `args_for(ConfigClass, **extra)` gives
     that trainer's arguments from the run's train.* settings (`trainer.stage_arguments`).
     measure(trainer, cfg, loaded, label) → (metrics for the before/after table, sample rows).
-    speed(trainer, runtime_s) → extra `train` numbers for the summary (tokens/s, padding).
+    speed(trainer, training_s) → extra `train` numbers for the summary (tokens/s, padding); training_s
+    is the training wall time without its validations.
     curves: extra plots, name → (title, {metrics.jsonl key: legend label}).
     multi_process: the stage runs under several processes (torchrun, `--nproc`); others refuse.
     perplexity: its loss is a token cross-entropy, so metrics.jsonl gets exp(loss) too.
@@ -205,7 +206,17 @@ def train(trainer, resume_from: Path | None) -> dict:
             f"{trainer.args.output_dir}. Lower train.batch_size (raise train.grad_accum to keep the batch), "
             "lower data.max_length, set train.gradient_checkpointing=true, or use quantization.bits=4 (QLoRA)."
         ) from None
-    return {"runtime_s": time.time() - start}
+    return train_timing(trainer, time.time() - start)
+
+
+def train_timing(trainer, runtime_s: float) -> dict:
+    """The wall time of `trainer.train()`, and — for a trainer with a StepClock (SFT's) — the
+    training time without the validations run inside it, and where a step's time went."""
+    clock = getattr(trainer, "clock", None)
+    if clock is None:
+        return {"runtime_s": runtime_s, "training_s": runtime_s}
+    parts = clock.totals()
+    return {"runtime_s": runtime_s, "training_s": runtime_s - parts["evaluation"], "step_time_s": parts}
 
 
 def measure_before(stage: Stage, trainer, cfg: Config, loaded: Loaded, run_dir: Path):
@@ -276,7 +287,7 @@ def run(cfg: Config, stage: Stage) -> RunResult:
         trainer.remove_callback(ProgressCallback)  # the bar stays; the raw log dicts become ProgressLines' lines
         trainer.add_callback(ProgressLines())
         before = measure_before(stage, trainer, cfg, loaded, run_dir)
-    timing = train(trainer, resume_from)
+    timed = train(trainer, resume_from)
     before, before_rows = before if isinstance(before, tuple) else before.result
     after, after_rows = stage.measure(trainer, cfg, loaded, "after")
     samples = sample_rows(before_rows, after_rows)
@@ -287,7 +298,7 @@ def run(cfg: Config, stage: Stage) -> RunResult:
     full = cfg.peft.method == "full"
     state_dict = distributed.full_state_dict(trainer, precision(cfg.train.precision, cfg.model.dtype).dtype
                                              if full else None)  # a collective: every rank takes part
-    speed = stage.speed(trainer, timing["runtime_s"]) if stage.speed else {}
+    speed = stage.speed(trainer, timed["training_s"]) if stage.speed else {}
     if not is_main():
         return RunResult(run_dir, {})
     out = save_output(trainer, loaded.tokenizer, cfg, run_dir, state_dict)
@@ -299,7 +310,7 @@ def run(cfg: Config, stage: Stage) -> RunResult:
         "method": cfg.method,
         "output": str(out),
         "data": loaded.data.stats,
-        "train": {**train_stats(trainer, timing, run_dir), **speed},
+        "train": {**train_stats(trainer, timed, run_dir), **speed},
         "eval": {"before": before, "after": after},
         "warnings": run_warnings(records := read_jsonl(run_dir / "metrics.jsonl")),
     }
@@ -321,7 +332,7 @@ def train_stats(trainer, timing: dict, run_dir: Path) -> dict:
     return {
         "steps": trainer.state.global_step,
         "epochs": trainer.state.epoch,
-        "runtime_s": timing["runtime_s"],
+        **timing,
         "peak_memory_gb": peak_memory_gb(),
         "final_loss": last_train_loss(records),
         "mean_loss": mean_train_loss(records),

@@ -4,33 +4,46 @@
   per-batch means), so early stopping and best-checkpoint selection use the number we report.
 - mid-run validations can also score greedy generations (`train.eval_generation`), so early
   stopping and the best checkpoint can follow a task metric instead of the loss.
-- `training_step` stops on a non-finite loss *before* the optimizer applies it, naming the
-  step, so the last checkpoint stays good.
+- a non-finite loss stops the run, naming the step, before any checkpoint holds its update: each
+  step's loss is checked on the GPU into a flag, which the host reads where it waits for the GPU
+  anyway (logging steps, checkpoints, the end), so the loop never stops for a check of its own.
+- `StepClock` (tunelab.speed) times data, forward+backward, optimizer, evaluation and saving the
+  same way, and the validation at the last step is kept (`last_eval`) so "after" need not repeat it.
+- the train and eval loaders collate with their own `Collator`, so token counts are training tokens.
 - `ResumeGuard` keeps a run resumed from its final checkpoint from training past its end.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from pathlib import Path
 
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from tunelab.config import Config
+from tunelab import distributed
 from tunelab.distributed import eval_loader, trainer_arguments
 from tunelab.errors import TunelabError
 from tunelab.evals.loss import loss_sums, summarize
 from tunelab.models.build import has_cuda, precision
+from tunelab.speed import StepClock
 
 
 class TunelabTrainer(Trainer):
-    def __init__(self, *args, generation=None, **kwargs):
+    def __init__(self, *args, generation=None, eval_collator=None, **kwargs):
         """generation: (train.eval_generation, validation examples, eval settings) to also score
-        generations at mid-run validations, or None."""
+        generations at mid-run validations, or None. eval_collator: the validation loader's collator
+        (default: the training one)."""
         super().__init__(*args, **kwargs)
         self.generation = generation
+        self.eval_collator = eval_collator or self.data_collator
+        self.clock = StepClock(cuda=self.args.device.type == "cuda")
+        self.last_eval: tuple[int, dict] | None = None  # (step, metrics) of the latest validation in training
+        self._first_bad = self._bad_loss = None  # on the device: first step with a non-finite loss (0: none), its loss
+        self._backward_end = None
+        self._tokens_counted = 0
+        self.add_callback(_OptimizerClock(self))
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
         start = time.time()
@@ -44,9 +57,20 @@ class TunelabTrainer(Trainer):
         if self.is_in_train and self.generation:
             metrics.update({f"{metric_key_prefix}_{k}": v for k, v in self.generation_scores().items()})
         metrics[f"{metric_key_prefix}_runtime"] = round(time.time() - start, 3)
+        if self.is_in_train:
+            self.clock.host("evaluation", time.time() - start)
+            self.last_eval = (self.state.global_step, metrics)
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        """transformers builds every loader with `self.data_collator`; validation batches get theirs."""
+        train_collator, self.data_collator = self.data_collator, self.eval_collator
+        try:
+            return super().get_eval_dataloader(eval_dataset)
+        finally:
+            self.data_collator = train_collator
 
     def generation_scores(self) -> dict:
         """The eval_generation metric on the first N validation rows, when this step is due."""
@@ -61,15 +85,78 @@ class TunelabTrainer(Trainer):
         )
         return scores
 
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        start = time.perf_counter()
+        batches = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self.clock.host("data", time.perf_counter() - start)
+        return batches
+
     def training_step(self, model, inputs, num_items_in_batch=None):
+        start = self.clock.mark()
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if not math.isfinite(loss.item()):
-            raise TunelabError(
-                f"training stopped: the loss became {loss.item()} at step {self.state.global_step + 1}; "
-                f"the last good checkpoint is kept in {self.args.output_dir}. "
-                "Lower train.lr, check the data, or use train.precision=fp32/bf16 instead of fp16."
-            )
+        self.clock.span("forward_backward", start)
+        self._backward_end = self.clock.mark()
+        self._watch(loss)
+        # the progress lines' tok/s, from the collator's host-side count (transformers' own count syncs every step)
+        seen = getattr(self.data_collator, "real_tokens", 0) * self.args.world_size
+        self.state.num_input_tokens_seen += seen - self._tokens_counted
+        self._tokens_counted = seen
         return loss
+
+    def _watch(self, loss) -> None:
+        """Keep the first step whose loss is not finite, on the loss's device: no host sync."""
+        import torch
+
+        if self._first_bad is None:
+            self._first_bad = torch.zeros((), dtype=torch.long, device=loss.device)
+            self._bad_loss = torch.zeros((), dtype=torch.float32, device=loss.device)
+        new = ~torch.isfinite(loss) & (self._first_bad == 0)
+        self._first_bad = torch.where(new, self.state.global_step + 1, self._first_bad)
+        self._bad_loss = torch.where(new, loss.float(), self._bad_loss)
+
+    def check_finite(self, at: str) -> None:
+        """Stop if a loss since the start was not finite (one host read: call it where the host waits
+        anyway). `at`: what was about to happen, for the message."""
+        if self._first_bad is None or not (first := int(self._first_bad.item())):
+            return
+        kept = [c.name for c in sorted(Path(self.args.output_dir).glob("checkpoint-*"),
+                                       key=lambda c: int(c.name.rsplit("-", 1)[1]))]
+        raise TunelabError(
+            f"training stopped: the loss became {self._bad_loss.item()} at step {first} (found at step "
+            f"{self.state.global_step}, before {at}); steps {first}-{self.state.global_step} are not kept"
+            + (f", the last good checkpoint is {kept[-1]} in {self.args.output_dir}" if kept else "")
+            + ". Lower train.lr, check the data, or use train.precision=fp32/bf16 instead of fp16."
+        )
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        if "loss" in logs:  # the loop has just read the loss: the GPU is idle, the flag and events are ready
+            self.check_finite("logging it")
+            self.clock.collect()
+        super().log(logs, *args, **kwargs)
+
+    def _save_checkpoint(self, model, trial):
+        # transformers' (private) checkpoint writer, wrapped: the one place every checkpoint passes
+        self.check_finite("writing checkpoint-{}".format(self.state.global_step))
+        start = time.perf_counter()
+        super()._save_checkpoint(model, trial)
+        self.clock.host("saving", time.perf_counter() - start)
+
+    def train(self, *args, **kwargs):
+        out = super().train(*args, **kwargs)
+        self.check_finite("saving the result")
+        return out
+
+
+class _OptimizerClock(TrainerCallback):
+    """The optimizer part of a step on the trainer's StepClock: from the last micro-step's backward
+    (so gradient clipping counts) to the end of optimizer.step()."""
+
+    def __init__(self, trainer: TunelabTrainer):
+        self.trainer = trainer
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if self.trainer._backward_end is not None:
+            self.trainer.clock.span("optimizer", self.trainer._backward_end)
 
 
 class AlreadyFinished(Exception):
@@ -105,15 +192,16 @@ def training_arguments(cfg: Config, checkpoints: str, report_to: list[str]) -> T
     selects = t.load_best or t.early_stopping is not None
     cuda = has_cuda()
     autocast = precision(t.precision, cfg.model.dtype)
+    batch, accum = t.planned(cfg.data.max_length, distributed.world_size())  # SFT's probe may replace it
     return TrainingArguments(
         output_dir=checkpoints,
         run_name=cfg.run.name,
         seed=cfg.run.seed,
         num_train_epochs=t.epochs,
         max_steps=t.max_steps or -1,
-        per_device_train_batch_size=t.batch_size,
+        per_device_train_batch_size=batch,
         per_device_eval_batch_size=cfg.eval.batch_size,
-        gradient_accumulation_steps=t.grad_accum,
+        gradient_accumulation_steps=accum,
         learning_rate=t.lr,
         lr_scheduler_type=t.lr_scheduler,
         warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio of total steps in transformers 5
@@ -135,8 +223,11 @@ def training_arguments(cfg: Config, checkpoints: str, report_to: list[str]) -> T
         train_sampling_strategy="group_by_length" if cfg.data.batching == "padding" else "random",
         length_column_name="length",
         report_to=report_to,
-        include_num_input_tokens_seen="non_padding",  # the tok/s of the progress lines
+        include_num_input_tokens_seen="no",  # it syncs every step; TunelabTrainer counts on the host
+        logging_nan_inf_filter=False,  # it syncs every step; TunelabTrainer checks the loss on the device
         dataloader_num_workers=0,
+        dataloader_pin_memory=cuda,
+        accelerator_config={"non_blocking": cuda},  # pinned batches copy to the GPU while it computes
         # We pass labels ourselves; keep position_ids and friends.
         remove_unused_columns=True,
         label_names=["labels"],

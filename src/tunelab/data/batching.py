@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from tunelab.data.templates import IGNORE_INDEX
@@ -61,30 +62,40 @@ class Collator:
 
     Packed rows (with position_ids) get no attention_mask: the restarting positions isolate the
     samples, and the padding tail continues as a sample of its own with IGNORE_INDEX labels.
-    Padded rows get an attention_mask.
+    Padded rows get an attention_mask. `width` pads every batch to that many tokens and `rows`
+    adds empty rows (no loss) up to that many: one static shape for a compiled step, the last
+    batch of an epoch included. Filled into numpy arrays: the collator runs on the training
+    loop's own thread, once per micro-step. A train and an eval loader each get their own, so
+    the counts are the training tokens only.
     """
 
     pad_token_id: int
+    width: int | None = None
+    rows: int | None = None
     real_tokens: int = 0
     total_tokens: int = 0
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        width = max(len(r["input_ids"]) for r in rows)
+        width = self.width or max(len(r["input_ids"]) for r in rows)
+        count = max(len(rows), self.rows or 0)
         packed = "position_ids" in rows[0]
-        batch = {"input_ids": [], "labels": []}
-        batch["position_ids" if packed else "attention_mask"] = []
-        for r in rows:
+        ids = np.full((count, width), self.pad_token_id, dtype=np.int64)
+        labels = np.full((count, width), IGNORE_INDEX, dtype=np.int64)
+        # (count, width): positions restart in each pad tail (and fill empty rows); else the mask
+        extra = np.tile(np.arange(width, dtype=np.int64), (count, 1)) if packed else np.zeros_like(ids)
+        for i, r in enumerate(rows):
             n = len(r["input_ids"])
-            pad = width - n
-            batch["input_ids"].append(list(r["input_ids"]) + [self.pad_token_id] * pad)
-            batch["labels"].append(list(r["labels"]) + [IGNORE_INDEX] * pad)
+            ids[i, :n] = r["input_ids"]
+            labels[i, :n] = r["labels"]
             if packed:
-                batch["position_ids"].append(list(r["position_ids"]) + list(range(pad)))
+                extra[i, :n] = r["position_ids"]
+                extra[i, n:] = np.arange(width - n)
             else:
-                batch["attention_mask"].append([1] * n + [0] * pad)
+                extra[i, :n] = 1
             self.real_tokens += n
-        self.total_tokens += width * len(rows)
-        return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+        self.total_tokens += width * count
+        return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels),
+                "position_ids" if packed else "attention_mask": torch.from_numpy(extra)}
 
     @property
     def pad_fraction(self) -> float | None:

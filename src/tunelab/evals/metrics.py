@@ -135,6 +135,20 @@ def _current(key):
     return prefix + RENAMED.get(key.removeprefix(prefix), key.removeprefix(prefix))
 
 
+def loops(token_ids: list[int], max_new_tokens: int, longest_ngram: int = 16, repeats: int = 3) -> bool:
+    """Whether a greedy output is a repetition loop: it ran to the token limit and its tail is one
+    n-gram (n ≤ longest_ngram) said at least `repeats` times over, e.g. "... I will. I will. I will."
+    Counted per evaluation as `repetition_loops`: a loop never stops by itself, and its text can still
+    share words with the reference (ROUGE does not see it)."""
+    if len(token_ids) < max_new_tokens:
+        return False
+    for n in range(1, longest_ngram + 1):
+        tail = token_ids[-n * repeats:]
+        if len(tail) == n * repeats and tail == tail[:n] * repeats:
+            return True
+    return False
+
+
 def corpus_bleu(predictions: list[str], references: list[str]) -> float:
     """Corpus BLEU on a 0-100 scale (sacrebleu's defaults: 13a tokenization, one reference per row).
 

@@ -93,13 +93,20 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     if not module.training or position_ids is None or dropout or query.shape[2] != key.shape[2] or dtype is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
+    return packed_attention(query, key, value, position_ids, scaling, dtype), None
+
+
+@torch.compiler.disable
+def packed_attention(query, key, value, position_ids, scaling, dtype):
+    """The kernel on packed rows: (B, S, Hq, D). Left out of compiled graphs (train.compile): the sample
+    boundaries are read on the host, whose values a graph would otherwise be specialised on."""
     batch, heads, seq, dim = query.shape
     if position_ids.shape[0] != batch:
         position_ids = position_ids.expand(batch, -1)
     cu, longest = _boundaries(position_ids)
     flat = lambda t: t.transpose(1, 2).reshape(batch * seq, t.shape[1], dim).to(dtype)  # noqa: E731
     out = kernel(flat(query), flat(key), flat(value), cu, longest, scaling)
-    return out.view(batch, seq, heads, dim).to(query.dtype), None
+    return out.view(batch, seq, heads, dim).to(query.dtype)
 
 
 def _half_dtype(query: torch.Tensor) -> torch.dtype | None:

@@ -38,7 +38,7 @@ def load(cfg: Config, sharded: bool = False) -> Loaded:
 
 def check(cfg: Config) -> None:
     """What kto needs beyond the schema, before any model loads."""
-    if cfg.train.batch_size < 2:
+    if cfg.train.planned(cfg.data.max_length)[0] < 2:
         raise TunelabError("train.batch_size: KTO estimates its KL reference point from the other answers of a "
                            "batch; use 2 or more")
 

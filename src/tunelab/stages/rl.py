@@ -48,8 +48,9 @@ def check(cfg: Config) -> None:
                 python_function(spec.function)
             except TunelabError as err:
                 problems.append(str(err))
-    if (t.batch_size * t.grad_accum) % p.num_generations:
-        problems.append(f"train.batch_size: batch_size × grad_accum ({t.batch_size} × {t.grad_accum}) counts "
+    rows, accum = t.planned(cfg.data.max_length)
+    if (rows * accum) % p.num_generations:
+        problems.append(f"train.batch_size: batch_size × grad_accum ({rows} × {accum}) counts "
                         f"completions and must be a multiple of preference.num_generations={p.num_generations}")
     if t.eval_every:
         problems.append("train.eval_every: tunelab rl evaluates before and after training only; unset it "

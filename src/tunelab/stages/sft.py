@@ -31,27 +31,68 @@ def load(cfg: Config, sharded: bool) -> Loaded:
 
 
 def build(cfg: Config, loaded: Loaded, args_for, callbacks):
+    """Our Trainer on the packed (or padded) rows, with the micro-batch split (`train.batch_size`,
+    probed when auto on one CUDA device) and, under train.compile, compiled decoder layers fed one
+    static [rows, max_length] shape."""
     from transformers import EarlyStoppingCallback, TrainingArguments
 
     from tunelab.data.batching import Collator
+    from tunelab.kernels import regional
     from tunelab.trainer import TunelabTrainer
 
     if cfg.train.early_stopping:
         es = cfg.train.early_stopping
         callbacks = [*callbacks, EarlyStoppingCallback(es.patience, es.threshold)]
-    data = loaded.data
-    return TunelabTrainer(
-        model=loaded.model, args=args_for(TrainingArguments), train_dataset=data.train, eval_dataset=data.eval,
-        data_collator=Collator(loaded.tokenizer.pad_token_id), processing_class=loaded.tokenizer, callbacks=callbacks,
+    data, pad = loaded.data, loaded.tokenizer.pad_token_id
+    one_process = distributed.world_size() == 1
+    plan, step = batch_plan(cfg, loaded)
+    compiled = regional.apply(loaded.model, cfg.train.compile) if one_process else []
+    if compiled and not regional.check(loaded.model, lambda: step(plan.batch_size)):
+        compiled = []
+    if compiled:
+        log.info("train.compile=auto: %d decoder layers compiled for [%d, %d] batches", len(
+            regional.decoder_layers(loaded.model)), plan.batch_size, cfg.data.max_length)
+    log.info(plan.describe())
+    args = args_for(TrainingArguments)
+    args.per_device_train_batch_size, args.gradient_accumulation_steps = plan.batch_size, plan.grad_accum
+    static = {"width": cfg.data.max_length, "rows": plan.batch_size} if compiled else {}
+    trainer = TunelabTrainer(
+        model=loaded.model, args=args, train_dataset=data.train, eval_dataset=data.eval,
+        data_collator=Collator(pad, **static), eval_collator=Collator(pad), processing_class=loaded.tokenizer,
+        callbacks=callbacks,
         generation=(cfg.train.eval_generation, data.eval_examples, cfg.eval) if cfg.train.eval_generation else None,
     )
+    trainer.batch_plan, trainer.compiled = plan, compiled
+    return trainer
+
+
+def batch_plan(cfg: Config, loaded: Loaded):
+    """(the micro-batch split, step(b): one training forward+backward on b full-length rows, for the
+    probe and the compile check). Probed only for batch_size=auto on one CUDA device."""
+    import torch
+
+    from tunelab import autobatch
+    from tunelab.data.batching import Collator
+    from tunelab.models.build import precision
+
+    t, max_length = cfg.train, cfg.data.max_length
+    rows = [loaded.data.train[i] for i in range(min(len(loaded.data.train), t.rows_per_step(max_length)))]
+    autocast = precision(t.precision, cfg.model.dtype)
+    dtype = torch.bfloat16 if autocast.bf16 else torch.float16 if autocast.fp16 else None
+    collate = Collator(loaded.tokenizer.pad_token_id, width=max_length)
+    step = autobatch.step_on(loaded.model, rows, collate, dtype)
+    probe, usable = (None, None)
+    if t.batch_size == "auto" and torch.cuda.is_available() and distributed.world_size() == 1:
+        probe, usable = autobatch.cuda_probe(step, sum(p.numel() for p in loaded.model.parameters() if p.requires_grad))
+    return autobatch.plan(t, max_length, distributed.world_size(), probe, usable), step
 
 
 def measure(trainer, cfg: Config, loaded: Loaded, label: str) -> tuple[dict, list[dict]]:
     """Validation loss/perplexity on all validation rows, task metrics on the first generation_samples."""
     from tunelab.evals.generation import generation_eval
 
-    metrics = trainer.evaluate()
+    metrics = last_validation(trainer) if label == "after" else None
+    metrics = metrics or trainer.evaluate()
     result = {"loss": metrics["eval_loss"], "perplexity": metrics["eval_perplexity"]}
     task, rows = generation_eval(
         loaded.model, loaded.tokenizer, loaded.data.eval_examples, cfg.eval.generation_samples, cfg.eval.metrics,
@@ -64,11 +105,35 @@ def measure(trainer, cfg: Config, loaded: Loaded, label: str) -> tuple[dict, lis
     return result, rows
 
 
-def speed(trainer, runtime_s: float) -> dict:
-    """Real (non-pad) tokens per second over all processes, and the share of padding."""
+def last_validation(trainer) -> dict | None:
+    """The validation the Trainer ran at the last step, when the model still has those weights (no
+    best checkpoint loaded in their place): the "after" loss without a second pass."""
+    from pathlib import Path
+
+    if trainer.last_eval is None or trainer.last_eval[0] != trainer.state.global_step:
+        return None
+    best = trainer.state.best_model_checkpoint
+    if trainer.args.load_best_model_at_end and best and Path(best).name != f"checkpoint-{trainer.state.global_step}":
+        return None
+    return trainer.last_eval[1]
+
+
+def speed(trainer, training_s: float) -> dict:
+    """Real (non-pad) training tokens per second of training (validation excluded) over all processes,
+    MFU where the GPU's peak is known, the share of padding, and how the batch was split."""
+    import torch
+
+    from tunelab.speed import mfu, parameter_count
+
     collator = trainer.data_collator
     real_tokens = distributed.total(collator.real_tokens)  # a collective: every rank calls it
-    return {"tokens_per_s": real_tokens / runtime_s if runtime_s else None, "pad_fraction": collator.pad_fraction}
+    tokens_per_s = real_tokens / training_s if training_s else None
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return {"tokens": real_tokens, "tokens_per_s": tokens_per_s,
+            "mfu": mfu(parameter_count(trainer.model), tokens_per_s / distributed.world_size() if tokens_per_s else None,
+                       device),
+            "pad_fraction": collator.pad_fraction, "batch": trainer.batch_plan.summary(),
+            "compiled": bool(trainer.compiled)}
 
 
 STAGE = lifecycle.Stage(name="train", load=load, build=build, measure=measure, speed=speed, multi_process=True)
