@@ -23,6 +23,22 @@ its `tunelab` row against its `baseline_fixed` row; where one is missed (or `--p
 two more steps run under torch.profiler and the row keeps the top CUDA kernels per step.
 `--dequant` times NF4 dequantization + matmul, bitsandbytes' vs `kernels.nf4`, at 7B shapes.
 Results accumulate in OUT/train_speed.json (and OUT/nf4_dequant.json), written after every row.
+
+A config with `epoch=True` (`smollm2_samsum`) is the real thing instead: SAMSum's text through the
+real `tunelab train` command, one process per impl, `--model` (a .gguf or model folder: real weights)
+and `--data` (the folder holding samsum/):
+- `tunelab_recipe`: `tunelab train recipes/samsum-lora.yaml` exactly as a user runs it;
+- `tunelab`: the same optimisation with only what training costs (no validation before or during
+  training, no mid-run checkpoints, no generations): batch_size=auto, compile=auto;
+- `hf_peft_padded`: what a user writes with transformers + peft in ten minutes: shuffled batches of
+  64 samples padded to the longest, LoRA r16 all-linear (dropout 0.05), AdamW 2e-4 cosine, bf16
+  autocast, the same tokenized samples (`--hf-steps` cuts its epoch short);
+- `tunelab_before`: the recipe's optimisation before issue #12 (4 rows × 2 micro-steps, lr 2e-4,
+  dropout 0.05), for its validation loss after the epoch;
+- `tunelab_eager`: `tunelab` with train.compile=off, for what compiling buys.
+tokens/s = real training tokens over training time (validation excluded), MFU = 6N × tokens/s over
+the GPU's dense bf16 peak (tunelab.speed), val_loss_after = token-weighted loss on the recipe's
+validation rows. `--smoke k=v ...` adds overrides (tiny data, few steps) for a CPU dry run.
 """
 
 from __future__ import annotations
@@ -30,7 +46,9 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -65,6 +83,7 @@ class Bench:
     cap_gib: float | None = None  # run under this per-process memory cap (e.g. a 16 GB T4's budget)
     offload: bool = False  # the tunelab impl sets train.activation_offload
     goals: Goals = field(default_factory=Goals)
+    epoch: bool = False  # the real SAMSum epoch through `tunelab train` (EPOCH_IMPLS), not timed synthetic steps
 
 
 CONFIGS = {
@@ -72,10 +91,26 @@ CONFIGS = {
     "qlora_all_r16_b4_s2048": Bench("llama2-7b", True, 4, 2048, offload=True, goals=Goals(speedup=1.6, memory_ratio=0.6)),
     "qlora_all_r16_b1_s4096": Bench("llama2-7b", True, 1, 4096, offload=True, goals=Goals(peak_gib=6.5)),
     "qlora_all_r16_b4_s2048_cap15gib": Bench("llama2-7b", True, 4, 2048, cap_gib=15, offload=True),
+    "smollm2_samsum": Bench("smollm2-135m", False, 64, 1024, vocab=49152, epoch=True, goals=Goals(speedup=8.0)),
 }
 DEFAULT_CONFIGS = ("lora_all_r16_b4_s2048", "qlora_all_r16_b4_s2048", "qlora_all_r16_b1_s4096")
 IMPLS = ("baseline", "baseline_fixed", "tunelab_stock", "tunelab")
 DEFAULT_IMPLS = ("baseline_fixed", "tunelab_stock", "tunelab")
+EPOCH_IMPLS = ("tunelab", "hf_peft_padded", "tunelab_recipe", "tunelab_before", "tunelab_eager")
+DEFAULT_EPOCH_IMPLS = ("tunelab", "hf_peft_padded", "tunelab_recipe")
+RECIPE = Path(__file__).resolve().parents[1] / "src" / "tunelab" / "recipes" / "samsum-lora.yaml"
+FAST = ["train.batch_size=auto", "train.compile=auto", "train.eval_every=null", "train.save_every=null",
+        "eval.before=false", "eval.generation_samples=0"]
+EPOCH_OVERRIDES = {
+    "tunelab_recipe": [],
+    "tunelab": FAST,
+    "tunelab_eager": [*FAST, "train.compile=off"],
+    "tunelab_before": ["train.batch_size=4", "train.grad_accum=2", "train.tokens_per_step=null", "train.lr=2e-4",
+                       "train.warmup_ratio=0.03", "peft.dropout=0.05", "train.logging_steps=1",
+                       "train.eval_every=null", "train.save_every=null", "eval.before=false",
+                       "eval.generation_samples=0"],
+}
+"""`tunelab train RECIPE` overrides per impl (besides model, data and run folder)."""
 
 
 def read_lengths(path: Path) -> list[int]:
@@ -344,23 +379,217 @@ def dequant_bench(out: Path, tokens: int = 8192, reps: int = 20) -> list[dict]:
     return rows
 
 
+# --- smollm2_samsum: one real epoch of SAMSum through `tunelab train`, and the plain script ----------
+
+def tunelab_epoch(impl: str, model: str, data: Path, smoke: list[str], runs: Path, timeout: float) -> tuple[dict, str]:
+    """One `tunelab train` process for `impl`; its row from summary.json, and its output."""
+    run_dir = runs / impl
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cmd = [sys.executable, "-m", "tunelab", "train", str(RECIPE), f"model.name={model}",
+           f"data.source={data / 'samsum'}", f"run.dir={run_dir}", *EPOCH_OVERRIDES[impl], *smoke]
+    start = time.time()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"})
+        output, code = proc.stdout + proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as err:
+        output, code = _text(err.stdout) + _text(err.stderr), "timeout"
+    row = {"impl": impl, "wall_s": round(time.time() - start, 1), "exit": code, "overrides": EPOCH_OVERRIDES[impl]}
+    if code != 0:
+        return {**row, "error": output[-2500:]}, output
+    s = json.loads((run_dir / "summary.json").read_text())
+    t, before, after = s["train"], s["eval"]["before"], s["eval"]["after"]
+    return {**row, "tokens_per_s": t["tokens_per_s"], "mfu": t["mfu"], "peak_memory_gib": t["peak_memory_gb"],
+            "val_loss_after": after["loss"], "gpu": t["device"], "val_loss_before": before.get("loss"),
+            "rouge_l_before": before.get("rouge_l"), "rouge_l_after": after.get("rouge_l"),
+            "repetition_loops_before": before.get("repetition_loops"),
+            "repetition_loops_after": after.get("repetition_loops"), "steps": t["steps"], "epochs": t["epochs"],
+            "tokens": t["tokens"], "training_s": t["training_s"], "runtime_s": t["runtime_s"],
+            "step_time_s": t.get("step_time_s"), "batch": t["batch"], "compiled": t["compiled"],
+            "pad_fraction": t["pad_fraction"], "packing_efficiency": s["data"].get("packing_efficiency")}, output
+
+
+def _text(out) -> str:
+    return out.decode(errors="replace") if isinstance(out, bytes) else out or ""
+
+
+def hf_epoch(model: str, data: Path, smoke: list[str], steps: int | None) -> dict:
+    """Child process: the plain transformers + peft script on the recipe's tokenized samples."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup
+
+    from tunelab.config import load_config
+    from tunelab.data.batching import Collator
+    from tunelab.data.prepare import prepare
+    from tunelab.evals.loss import loss_sums, summarize
+    from tunelab.models.build import load_tokenizer
+    from tunelab.models.loading import resolve
+    from tunelab.speed import mfu, parameter_count
+
+    cfg = load_config(RECIPE, [f"model.name={model}", f"data.source={data / 'samsum'}", "data.batching=padding", *smoke])
+    source = resolve(cfg.model.name)
+    tokenizer = load_tokenizer(source)
+    prepared = prepare(cfg.data, tokenizer, cfg.run.seed)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    base = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.bfloat16 if cuda else torch.float32,
+                                                attn_implementation="sdpa").to(device)
+    base.config.use_cache = False
+    torch.manual_seed(cfg.run.seed)
+    net = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
+                                          task_type="CAUSAL_LM"))
+    rows = prepared.train
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.run.seed)).tolist()
+    batches = [order[i : i + 64] for i in range(0, len(order), 64)][:steps]
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=2e-4, weight_decay=0.0)
+    schedule = get_cosine_schedule_with_warmup(opt, int(0.03 * len(batches)), len(batches))
+    collate = Collator(tokenizer.pad_token_id)
+    net.train()
+    torch.cuda.reset_peak_memory_stats() if cuda else None
+    _sync(cuda)
+    start = time.perf_counter()
+    for i, members in enumerate(batches):
+        batch = {k: v.to(device, non_blocking=True) for k, v in collate([rows[j] for j in members]).items()}
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            loss = net(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        schedule.step()
+        opt.zero_grad(set_to_none=True)
+        if i % 10 == 0:
+            print(f"step {i + 1}/{len(batches)} loss {loss.item():.4f}", flush=True)
+    _sync(cuda)
+    seconds = time.perf_counter() - start
+    tokens_per_s = collate.real_tokens / seconds
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    loader = torch.utils.data.DataLoader(prepared.eval, batch_size=cfg.eval.batch_size, collate_fn=Collator(tokenizer.pad_token_id))
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+        total, count = loss_sums(net, loader)
+    gpu = torch.cuda.get_device_name() if cuda else "cpu"
+    return {"impl": "hf_peft_padded", "tokens_per_s": tokens_per_s, "mfu": mfu(parameter_count(net), tokens_per_s, gpu),
+            "peak_memory_gib": peak, "val_loss_after": summarize(total.item(), count.item())["loss"], "gpu": gpu,
+            "steps": len(batches), "epochs": len(batches) * 64 / len(rows) if steps else 1.0,
+            "tokens": collate.real_tokens, "training_s": seconds, "pad_fraction": collate.pad_fraction}
+
+
+def _sync(cuda: bool) -> None:
+    if cuda:
+        torch.cuda.synchronize()
+
+
+def run_epoch_config(config: str, impls: list[str], args, rows: list[dict], out: Path) -> list[dict]:
+    """Every impl of an epoch config, one process each, a row written as soon as it is done; an impl
+    is skipped when less than `--min-left-s` of the `--deadline-s` budget remains."""
+    deadline = time.time() + args.deadline_s
+    runs = Path(args.runs)
+    new, log = [], out / "train_speed_logs.txt"
+    for impl in impls:
+        left = deadline - time.time()
+        if left < args.min_left_s:
+            row, output = {"impl": impl, "error": f"skipped: {left:.0f} s of the budget left"}, ""
+        elif impl == "hf_peft_padded":
+            cmd = [sys.executable, __file__, "--hf", "--model", args.model, "--data", str(args.data), "--out", str(out),
+                   *(["--hf-steps", str(args.hf_steps)] if args.hf_steps else []), "--smoke", *args.smoke]
+            start = time.time()
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=left - 5)
+                output = proc.stdout + proc.stderr
+                found = [line[4:] for line in proc.stdout.splitlines() if line.startswith("ROW ")]
+                row = json.loads(found[-1]) if found else {"impl": impl, "error": output[-2500:]}
+            except subprocess.TimeoutExpired as err:
+                output = _text(err.stdout) + _text(err.stderr)
+                row = {"impl": impl, "error": "timeout"}
+            row["wall_s"] = round(time.time() - start, 1)
+        else:
+            row, output = tunelab_epoch(impl, args.model, args.data, args.smoke, runs, left - 5)
+        with log.open("a") as f:
+            f.write(f"===== {config} {impl}\n{output}\n")
+        row = {"config": config, **row}
+        new.append(row)
+        rows.append(row)
+        add_epoch_goals(new, CONFIGS[config])
+        (out / "train_speed.json").write_text(json.dumps(rows, indent=2))
+        print(json.dumps({k: v for k, v in row.items() if k not in ("error", "step_time_s", "batch")}), flush=True)
+    return new
+
+
+def add_epoch_goals(rows: list[dict], bench: Bench) -> None:
+    """On the tunelab row: speed-up over hf_peft_padded (goal: bench.goals.speedup), the shipped recipe's
+    speed against it (within 10 %), and its validation loss against the pre-#12 recipe's."""
+    by = {r["impl"]: r for r in rows if r.get("tokens_per_s")}
+    fast = by.get("tunelab")
+    if fast is None:
+        return
+    goals = {}
+    if "hf_peft_padded" in by:
+        x = fast["tokens_per_s"] / by["hf_peft_padded"]["tokens_per_s"]
+        goals["speedup_vs_hf_peft_padded"] = {"goal": bench.goals.speedup, "value": x, "met": x >= bench.goals.speedup}
+    if "tunelab_recipe" in by:
+        x = by["tunelab_recipe"]["tokens_per_s"] / fast["tokens_per_s"]
+        goals["recipe_speed_vs_tunelab"] = {"goal": 0.9, "value": x, "met": x >= 0.9}
+    if "tunelab_before" in by:
+        x = fast["val_loss_after"] - by["tunelab_before"]["val_loss_after"]
+        goals["val_loss_vs_recipe_before"] = {"goal": "<= 0", "value": x, "met": x <= 0}
+    fast["goals"] = goals
+
+
+def epoch_table(rows: list[dict]) -> str:
+    hf = next((r for r in rows if r.get("impl") == "hf_peft_padded" and r.get("tokens_per_s")), None)
+    lines = ["| impl | tokens/s | MFU | vs hf_peft_padded | peak GiB | val loss after | ROUGE-L before → after | "
+             "loops after | steps | training s | wall s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if not r.get("tokens_per_s"):
+            lines.append(f"| {r['impl']} | {str(r.get('error', ''))[-80:]!r} | | | | | | | | | |")
+            continue
+        ratio = f"{r['tokens_per_s'] / hf['tokens_per_s']:.1f}×" if hf else ""
+        rouge = (f"{r['rouge_l_before']:.3f} → {r['rouge_l_after']:.3f}" if r.get("rouge_l_before") is not None
+                 and r.get("rouge_l_after") is not None else "")
+        mfu_ = f"{r['mfu']:.1%}" if r.get("mfu") is not None else ""
+        peak = f"{r['peak_memory_gib']:.1f}" if r.get("peak_memory_gib") is not None else ""
+        lines.append(f"| {r['impl']} | {r['tokens_per_s']:,.0f} | {mfu_} | {ratio} | {peak} | {r['val_loss_after']:.4f} | "
+                     f"{rouge} | {r.get('repetition_loops_after', '')} | {r.get('steps')} | "
+                     f"{r.get('training_s', 0):.1f} | {r.get('wall_s', '')} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--models", type=Path, required=True, help="folder for the random checkpoints (built once)")
-    parser.add_argument("--lengths", type=Path, required=True,
+    parser.add_argument("--models", type=Path, help="folder for the random checkpoints (built once)")
+    parser.add_argument("--lengths", type=Path,
                         help="sample token lengths: a JSON list, or data/samsum_lengths.json's prompt/completion pairs")
+    parser.add_argument("--model", help="epoch configs: the model (.gguf or folder; real weights)")
+    parser.add_argument("--data", type=Path, help="epoch configs: the folder holding samsum/")
+    parser.add_argument("--runs", default="/tmp/train_speed_runs", help="epoch configs: run folders")
+    parser.add_argument("--hf-steps", type=int, help="hf_peft_padded: stop after this many batches of 64")
+    parser.add_argument("--deadline-s", type=float, default=1e9, help="epoch configs: the whole budget")
+    parser.add_argument("--min-left-s", type=float, default=30, help="epoch configs: skip an impl with less left")
+    parser.add_argument("--smoke", nargs="*", default=[], help="epoch configs: extra overrides (a CPU dry run)")
+    parser.add_argument("--hf", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help=f"comma-separated, of {', '.join(CONFIGS)}")
-    parser.add_argument("--impls", default=",".join(DEFAULT_IMPLS), help=f"comma-separated, of {', '.join(IMPLS)}")
+    parser.add_argument("--impls", help=f"comma-separated, of {', '.join(IMPLS)} (epoch configs: {', '.join(EPOCH_IMPLS)})")
     parser.add_argument("--layers", type=int, help="decoder layers (default: the shape's); fewer for a smoke run")
     parser.add_argument("--profile", choices=("auto", "always", "never"), default="auto")
     parser.add_argument("--dequant", action="store_true", help="also time NF4 dequantization first")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.hf:
+        print("ROW " + json.dumps(hf_epoch(args.model, args.data, args.smoke, args.hf_steps)), flush=True)
+        return
+    configs = args.configs.split(",")
+    if all(CONFIGS[c].epoch for c in configs):
+        args.out.mkdir(parents=True, exist_ok=True)
+        out = args.out / "train_speed.json"
+        rows = json.loads(out.read_text()) if out.exists() else []
+        impls = args.impls.split(",") if args.impls else list(DEFAULT_EPOCH_IMPLS)
+        new = [row for c in configs for row in run_epoch_config(c, impls, args, rows, args.out)]
+        print(epoch_table(new), flush=True)
+        return
     lengths = read_lengths(args.lengths)
-    impls = args.impls.split(",")
+    impls = (args.impls or ",".join(DEFAULT_IMPLS)).split(",")
     if args.one:
         run_config(args.one, impls, args.model_dir, lengths, args.steps, args.profile)
         return
@@ -374,7 +603,7 @@ def main() -> None:
         bench = CONFIGS[config]
         model_dir = build_model(bench.shape, bench.vocab, args.layers, args.models)
         cmd = [sys.executable, __file__, "--models", str(args.models), "--lengths", str(args.lengths), "--out",
-               str(args.out), "--steps", str(args.steps), "--impls", args.impls, "--profile", args.profile,
+               str(args.out), "--steps", str(args.steps), "--impls", ",".join(impls), "--profile", args.profile,
                "--one", config, "--model-dir", str(model_dir)]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
         done = set()

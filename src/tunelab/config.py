@@ -319,6 +319,11 @@ class TrainConfig(_Section):
     compile: Literal["auto", "off"] = "auto"
     """`auto`: on CUDA, SFT compiles each decoder layer (torch.compile, static [rows, max_length] packed
     batches; falls back to eager, saying so, where the layer does not compile); `off`: eager."""
+
+    @field_validator("kernels", "compile", mode="before")
+    @classmethod
+    def _off_is_not_false(cls, value: Any) -> Any:
+        return "off" if value is False else value  # YAML 1.1 reads a bare `off` (train.compile=off) as false
     logging_steps: int = Field(1, ge=1)
     """Log train loss every N steps."""
     eval_every: int | None = Field(None, ge=1)

@@ -31,16 +31,18 @@ def decoder_layers(model) -> list[torch.nn.Module]:
     return [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
 
 
-def apply(model, mode: str, backend: str = "inductor") -> list[str]:
-    """Compile `model`'s decoder layers for training under `train.compile` = mode; what is on.
-    `backend`: torch.compile's (the CPU tests use "aot_eager": same graphs, no code generation)."""
-    if mode == "off":
-        return []
-    if backend == "inductor" and not torch.cuda.is_available():
+BACKEND = "inductor"
+"""torch.compile's backend. Tests on the CPU set "aot_eager" (the same graphs and autograd, no code
+generation), which `apply` then also compiles for; with inductor it compiles on CUDA only."""
+
+
+def apply(model, mode: str) -> list[str]:
+    """Compile `model`'s decoder layers for training under `train.compile` = mode; what is on."""
+    if mode == "off" or (BACKEND == "inductor" and not torch.cuda.is_available()):
         return []
     layers = decoder_layers(model)
     for layer in layers:
-        compile_layer(layer, backend)
+        compile_layer(layer, BACKEND)
     return [f"compile:{len(layers)}_layers"] if layers else []
 
 
