@@ -104,18 +104,20 @@ def test_run_folder_eval_writes_results_against_its_base_model(run_eval, lora_ru
     assert saved["target"] == str(lora_run)
     assert saved["baseline"]["model"] == str(tiny_model_dir)  # the run's model.name
     assert "test.jsonl" in saved["data"]["perplexity"]  # the run's held-out rows
-    expected = {
+    expected = {  # per-row metrics also get their 95% intervals (ci95); loss and corpus BLEU have no rows to resample
         "perplexity": {"loss", "perplexity", "tokens", "n"},
-        "rouge": {"rouge_1", "rouge_2", "rouge_l", "rouge_lsum", "n"},
-        "exact_match": {"exact_match", "n"},
+        "rouge": {"rouge_1", "rouge_2", "rouge_l", "rouge_lsum", "n", "ci95"},
+        "exact_match": {"exact_match", "n", "ci95"},
         "bleu": {"bleu", "n"},
-        "echo": {"exact_match", "rouge_l", "n"},
+        "echo": {"exact_match", "rouge_l", "n", "ci95"},
     }
     for side in (saved["tasks"], saved["baseline"]["tasks"]):
         assert list(side) == list(expected)  # the order asked for
         assert {task: set(metrics) for task, metrics in side.items()} == expected
         assert side["rouge"]["n"] == 5 and side["echo"]["n"] == 3
     assert saved["tasks"]["perplexity"] != saved["baseline"]["tasks"]["perplexity"]  # training changed the model
+    assert set(saved["comparison"]) == {"rouge", "exact_match", "echo"}  # paired target − baseline on the same rows
+    assert set(saved["comparison"]["rouge"]["rouge_l"]) == {"diff", "ci95", "p_value", "n"}
 
     predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert list(predictions[0]) == ["task", "model", "prompt", "reference", "prediction"]
@@ -123,8 +125,10 @@ def test_run_folder_eval_writes_results_against_its_base_model(run_eval, lora_ru
     assert per_task == {(t, m) for t in ("rouge", "exact_match", "bleu", "echo") for m in ("target", "baseline")}
 
     table = evaluate.format_results(results)
-    assert [c.strip() for c in table.splitlines()[0].split("|")] == ["task", "metric", "target", "baseline", "delta"]
+    assert [c.strip() for c in table.splitlines()[0].split("|")] == [
+        "task", "metric", "target [95% CI]", "baseline [95% CI]", "target − baseline [95% CI]"]
     assert re.search(r"^perplexity \(n=5\) +\| perplexity +\| ", table, re.M)
+    assert re.search(r"\| rouge_l +\| +\S+ \[\S+, \S+\] +\| .* p[=<]", table)  # intervals and the paired p
 
 
 def test_export_manual_sets_aside_prompts_with_both_models_outputs(run_eval, lora_run, tiny_model_dir):
@@ -173,7 +177,7 @@ def test_report_escapes_content_and_links_predictions(run_eval):
     assert "<script>" not in html  # the hostile row is text (markupsafe writes ' as &#39;)
     assert re.search(r"&lt;script&gt;alert\((&#x27;|&#39;)x(&#x27;|&#39;)\)&lt;/script&gt; &amp;", html)
     assert '<a href="predictions.jsonl">' in html and "data:image/png;base64," in html
-    assert "delta" in html and "echo" in html
+    assert "target − baseline" in html and "echo" in html
 
 
 def test_task_file_with_a_bad_key_fails_naming_it(tmp_path, tiny_model_dir):

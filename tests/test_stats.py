@@ -163,7 +163,8 @@ def test_run_before_after_intervals():
     assert ev["ci95"]["after"] == {"exact_match": stats.mean_interval([1, 0, 1, 0, 1])}
     assert ev["comparison"]["exact_match"]["diff"] == pytest.approx(0.6)
     table = format_before_after(ev)
-    assert [c.strip() for c in table.splitlines()[2].split("|")] == ["loss", "2", "1", "n/a"]  # no per-row loss
+    # no per-row loss, so no test: the plain difference and its direction (as the table always showed)
+    assert [c.strip() for c in table.splitlines()[2].split("|")] == ["loss", "2", "1", "-1 (better)"]
     assert fmt_difference(ev["comparison"]["exact_match"]) in table
 
 

@@ -18,7 +18,8 @@ from tunelab.errors import TunelabError
 from tunelab.tracking.live import MetricsCallback
 from tunelab.tracking.metrics import append_jsonl, read_jsonl, write_json
 from tunelab.tracking.plots import plot_metrics
-from tunelab.tracking.report import format_before_after, write_report
+from tunelab.tracking.report import write_report
+from tunelab.tracking.stat_tables import format_before_after
 from tunelab.tracking.wandb_setup import finish_wandb, wandb_report_to
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -218,7 +219,7 @@ def test_report_survives_partial_and_broken_files(tmp_path):
 
 def test_format_before_after_lists_every_metric_and_delta():
     ev = SUMMARY["eval"]
-    table = format_before_after(ev["before"], ev["after"])
+    table = format_before_after(ev)
     lines = table.splitlines()
     assert lines[0].split(" | ")[0].strip() == "metric"
     assert len({len(line) for line in lines}) == 1  # fixed width
@@ -229,7 +230,7 @@ def test_format_before_after_lists_every_metric_and_delta():
     assert rows["exact_match"] == ["exact_match", "0.1", "0.45", "+0.35 (better)"]
     assert rows["rouge_l"] == ["rouge_l", "0.3", "n/a", "n/a"]
     assert rows["bleu"] == ["bleu", "n/a", "0.2", "n/a"]
-    assert "(worse)" in format_before_after({"loss": 1.0}, {"loss": 2.0})
+    assert "(worse)" in format_before_after({"before": {"loss": 1.0}, "after": {"loss": 2.0}})
 
 
 # --- W&B -------------------------------------------------------------------------------

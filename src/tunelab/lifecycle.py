@@ -258,7 +258,9 @@ def run(cfg: Config, stage: Stage) -> RunResult:
     from transformers.trainer_callback import ProgressCallback
 
     from tunelab.models.build import precision
-    from tunelab.tracking.live import CheckpointMarker, MetricsCallback, ProgressLines
+    from tunelab.evals.intervals import add_run_intervals
+    from tunelab.tracking.live import CheckpointMarker, LiveRunCallback, MetricsCallback, ProgressLines
+    from tunelab.tracking.status import write_status
     from tunelab.tracking.plots import plot_curves, plot_metrics
     from tunelab.tracking.report import write_report
     from tunelab.tracking.trackers import send_results, tensorboard_dir
@@ -278,18 +280,20 @@ def run(cfg: Config, stage: Stage) -> RunResult:
             loaded = stage.load(cfg, distributed.fsdp_enabled(cfg))  # checks rows before the model loads
         if is_main():
             write_run_folder(cfg, run_dir, cut, loaded)
+            write_status(run_dir, "running", step=0)  # the board reads it; LiveRunCallback keeps it beating
         marker = json.loads((resume_from / CHECKPOINT_DONE).read_text()) if resume_from else {}
         callbacks = [MetricsCallback(run_dir / "metrics.jsonl", resume_step=marker.get("step"),
                                      perplexity=stage.perplexity, resume_time=marker.get("time")),
-                     CheckpointMarker()]
+                     LiveRunCallback(run_dir), CheckpointMarker()]
         trainer = stage.build(cfg, loaded, lambda cls, **extra: stage_arguments(cls, cfg, run_dir, report_to, **extra),
                               callbacks)
         trainer.remove_callback(ProgressCallback)  # the bar stays; the raw log dicts become ProgressLines' lines
         trainer.add_callback(ProgressLines())
         before = measure_before(stage, trainer, cfg, loaded, run_dir)
-    timed = train(trainer, resume_from)
-    before, before_rows = before if isinstance(before, tuple) else before.result
-    after, after_rows = stage.measure(trainer, cfg, loaded, "after")
+    with said_in_status(run_dir):
+        timed = train(trainer, resume_from)
+        before, before_rows = before if isinstance(before, tuple) else before.result
+        after, after_rows = stage.measure(trainer, cfg, loaded, "after")
     samples = sample_rows(before_rows, after_rows)
     if is_main():
         send_results(before, after, samples, trainer.state.global_step, tensorboard)
@@ -314,12 +318,32 @@ def run(cfg: Config, stage: Stage) -> RunResult:
         "eval": {"before": before, "after": after},
         "warnings": run_warnings(records := read_jsonl(run_dir / "metrics.jsonl")),
     }
+    add_run_intervals(summary, samples)  # 95% intervals, paired after − before tests on the same rows
     write_json(run_dir / "summary.json", summary)
     plot_metrics(records, run_dir / "plots")
     for name, (title, keys) in stage.curves.items():
         plot_curves(records, keys, title, run_dir / "plots" / f"{name}.png")
     write_report(run_dir)
+    write_status(run_dir, "finished", step=trainer.state.global_step)
     return RunResult(run_dir, summary)
+
+
+@contextlib.contextmanager
+def said_in_status(run_dir: Path):
+    """status.json says `interrupted` (Ctrl-C, a kill the process sees) or `failed` (with the error)
+    when training or the after-evaluation stops; rank 0 writes it."""
+    from tunelab.tracking.status import write_status
+
+    try:
+        yield
+    except KeyboardInterrupt:
+        if is_main():
+            write_status(run_dir, "interrupted")
+        raise
+    except Exception as err:
+        if is_main():
+            write_status(run_dir, "failed", error=f"{type(err).__name__}: {err}")
+        raise
 
 
 def train_stats(trainer, timing: dict, run_dir: Path) -> dict:

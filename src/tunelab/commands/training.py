@@ -19,11 +19,10 @@ def recipe_config(args):
 
 def print_result(result) -> None:
     """The before/after table, the run's warnings and where its folder is."""
-    from tunelab.tracking.report import format_before_after
+    from tunelab.tracking.stat_tables import format_before_after
 
-    ev = result.summary["eval"]
     print()
-    print(format_before_after(ev.get("before") or {}, ev.get("after") or {}))
+    print(format_before_after(result.summary["eval"]))
     for warning in result.summary.get("warnings", []):
         print(f"warning: {warning}")
     print(f"\nrun folder: {result.run_dir}  (report: {result.run_dir / 'report.html'})")

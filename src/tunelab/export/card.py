@@ -97,13 +97,13 @@ def _data(stats: dict) -> str:
 
 
 def _results(summary: dict) -> str:
-    from tunelab.tracking.report import format_before_after
+    from tunelab.tracking.stat_tables import format_before_after
 
     ev = summary.get("eval") or {}
     if not (ev.get("before") or ev.get("after")):
         return "No evaluation was recorded for this run."
-    return ("Held-out validation rows, before and after training:\n\n```text\n"
-            + format_before_after(ev.get("before") or {}, ev.get("after") or {}) + "\n```")
+    return ("Held-out validation rows, before and after training (95% intervals and paired tests where the "
+            "rows allow them):\n\n```text\n" + format_before_after(ev) + "\n```")
 
 
 _CHAT = ('messages = [{"role": "user", "content": "Hello!"}]\n'

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from tunelab.config import EvalRunConfig
 from tunelab.errors import TunelabError
+from tunelab.evals.intervals import add_eval_intervals
 from tunelab.evals.tasks import GENERATION_METRICS, DatasetTask, Rows
 from tunelab.lifecycle import RunResult
 
@@ -50,6 +51,7 @@ def run(cfg: EvalRunConfig) -> RunResult:
         metrics, more = evaluate_one(baseline, "baseline")
         results["baseline"] = {"model": baseline, "tasks": metrics}
         predictions += more
+    add_eval_intervals(results, predictions)  # 95% intervals per metric, paired target − baseline tests
     results["runtime_s"] = time.time() - start
     results["output"] = str(out)
     write_outputs(out, results, predictions, run_dir)
@@ -61,7 +63,7 @@ def run(cfg: EvalRunConfig) -> RunResult:
 
 def format_results(results: dict) -> str:
     """Terminal table: task | metric | target | baseline | delta (target - baseline)."""
-    from tunelab.tracking.report import format_eval
+    from tunelab.tracking.stat_tables import format_eval
 
     return format_eval(results)
 

@@ -21,6 +21,7 @@ import yaml
 
 from tunelab.config import Config, build_config, set_path
 from tunelab.errors import TunelabError
+from tunelab.evals.intervals import add_kfold_intervals
 from tunelab.evals.metrics import current_names
 from tunelab.lifecycle import RunResult, last_checkpoint
 from tunelab.stages import sft
@@ -159,6 +160,7 @@ def run(cfg: Config) -> RunResult:
         "lower_is_better": lower_is_better(metric), "sweep": cfg.sweep or {},
         "points": points, "best": best_point(points, metric),
     }
+    add_kfold_intervals(result)  # t intervals over folds, paired after − before and point − best
     write_json(parent / "kfold.json", result)
     write_kfold_report(result)
     return RunResult(parent, result)

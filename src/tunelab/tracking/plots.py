@@ -85,14 +85,14 @@ def plot_comparison(results: dict, path: str | os.PathLike) -> Path | None:
 
     Writes nothing and returns None when no metric has a number.
     """
-    from tunelab.tracking.report import eval_scores
+    from tunelab.tracking.stat_tables import scores
 
     baseline = (results.get("baseline") or {}).get("tasks", {})
     panels = [
         (task, metric, [(name, side[metric], side.get(f"{metric}_stderr")) for name, side in
                         (("baseline", baseline.get(task, {})), ("target", metrics)) if _finite(side.get(metric))])
         for task, metrics in results["tasks"].items()
-        for metric in eval_scores(metrics)
+        for metric in scores(metrics)
     ]
     panels = [p for p in panels if p[2]]
     if not panels:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import json
-import math
 import os
 import re
 from pathlib import Path
@@ -21,7 +20,8 @@ from typing import Any
 from tunelab.errors import TunelabError
 from tunelab.templates import render
 from tunelab.tracking.metrics import atomic_write_text, read_jsonl
-from tunelab.tracking.tables import fmt_value, lower_is_better, text_table
+from tunelab.tracking.stat_tables import before_after_rows, eval_rows
+from tunelab.tracking.tables import fmt_value, text_table
 
 MAX_SAMPLES = 10
 _TURNS = (
@@ -30,37 +30,6 @@ _TURNS = (
 )
 """Chat-template markers a rendered prompt is split back into turns by, for samples.jsonl rows
 written before they kept their `messages`."""
-
-
-def _number(v: Any) -> float | None:
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
-
-
-def _before_after_rows(before: dict | None, after: dict | None) -> list[tuple[str, ...]]:
-    """(metric, before, after, change, verdict) as text, one row per metric in either dict.
-
-    change is after - before plus the verdict, "better"/"worse" by lower-is-better for loss
-    and perplexity and higher-is-better otherwise; "n/a" unless both sides are numbers.
-    """
-    before, after = (d if isinstance(d, dict) else {} for d in (before, after))
-    rows = []
-    for metric in dict.fromkeys([*before, *after]):
-        b, a = _number(before.get(metric)), _number(after.get(metric))
-        change, verdict = "n/a", ""
-        if b is not None and a is not None and math.isfinite(a - b):
-            change = f"{a - b:+.4g}"
-            if a != b:
-                verdict = "better" if (a < b) == lower_is_better(metric) else "worse"
-                change += f" ({verdict})"
-        shown = fmt_value(before.get(metric)), fmt_value(after.get(metric))
-        rows.append((metric, *shown, change, verdict))
-    return rows
-
-
-def format_before_after(before: dict | None, after: dict | None) -> str:
-    """Fixed-width terminal table: metric | before | after | change (after - before)."""
-    rows = [("metric", "before", "after", "change"), *(row[:4] for row in _before_after_rows(before, after))]
-    return text_table(rows)
 
 
 def _read_optional(path: Path, reader) -> Any | None:
@@ -126,7 +95,7 @@ def write_report(run_dir: str | os.PathLike) -> Path:
     page = render(
         "report/run.html", title=f"tunelab run {name}", heading=name, model=summary.get("model"),
         method=summary.get("method"), warnings=[str(w) for w in warnings],
-        rows=_before_after_rows(ev.get("before"), ev.get("after")), plots=_plots(run_dir / "plots"),
+        rows=before_after_rows(ev), plots=_plots(run_dir / "plots"),
         samples=_samples(samples), total=len(samples or []), train=_kv_rows(summary.get("train")),
         data=_kv_rows(summary.get("data")), config=_read_optional(run_dir / "config.yaml", lambda p: p.read_text("utf-8")),
     )
@@ -137,9 +106,11 @@ def write_report(run_dir: str | os.PathLike) -> Path:
 
 
 def _mean_std(agg: dict | None) -> str:
+    """mean ± sample std over the folds, with the t interval of the mean where kfold.json has it."""
     if not agg or agg.get("mean") is None:
         return "n/a"
-    return f"{fmt_value(agg['mean'])} ± {fmt_value(agg['std'])}"
+    shown = f"{fmt_value(agg['mean'])} ± {fmt_value(agg['std'])}"
+    return f"{shown} [{fmt_value(agg['ci95'][0])}, {fmt_value(agg['ci95'][1])}]" if agg.get("ci95") else shown
 
 
 def _kfold_headline(result: dict) -> str:
@@ -191,29 +162,6 @@ def write_kfold_report(result: dict) -> Path:
 
 # ---- evaluation (`tunelab eval`): the target model against a baseline, per task metric ----
 
-_COUNTS = ("n", "tokens")
-
-
-def eval_scores(metrics: dict | None) -> dict:
-    """A task's comparable metrics from results.json: not its row/token counts, not standard errors."""
-    return {k: v for k, v in (metrics or {}).items() if k not in _COUNTS and not k.endswith("_stderr")}
-
-
-def _eval_rows(results: dict) -> list[tuple[str, ...]]:
-    """(task (n=rows), metric, target, baseline, delta, verdict) as text; delta = target - baseline."""
-    baseline = (results.get("baseline") or {}).get("tasks", {})
-    rows = []
-    for task, metrics in results["tasks"].items():
-        label = f"{task} (n={metrics.get('n', '?')})"
-        for metric, b, a, delta, verdict in _before_after_rows(eval_scores(baseline.get(task)), eval_scores(metrics)):
-            rows.append((label, metric, a, b, delta, verdict))
-    return rows
-
-
-def format_eval(results: dict) -> str:
-    """Terminal table of an eval's results: task | metric | target | baseline | delta."""
-    return text_table([("task", "metric", "target", "baseline", "delta"), *(r[:5] for r in _eval_rows(results))],
-                      labels=2)
 
 
 def _eval_tasks(predictions: list[dict]) -> list[dict]:
@@ -239,7 +187,7 @@ def write_eval_report(out_dir: str | os.PathLike, results: dict, predictions: li
     curves = out_dir / "curves"
     page = render(
         "report/eval.html", title="tunelab eval", heading=f"Evaluation of {results['target']}",
-        target=results["target"], baseline=baseline["model"] if baseline else "none", rows=_eval_rows(results),
+        target=results["target"], baseline=baseline["model"] if baseline else "none", rows=eval_rows(results),
         chart=_figures([chart]) if chart else [], curves=_plots(curves) if curves.is_dir() else None,
         data=_kv_rows(results.get("data")), tasks=_eval_tasks(predictions),
     )

@@ -7,6 +7,8 @@ The tables read the keys `evals.intervals` adds; a number without them prints al
 
 from __future__ import annotations
 
+import math
+
 from tunelab.tracking.tables import fmt_value, lower_is_better, text_table
 
 SIGNIFICANCE = 0.05
@@ -50,6 +52,24 @@ def _with_verdict(metric: str, test: dict | None) -> str:
     return f"{shown} ({v})" if (v := verdict(metric, test)) else shown
 
 
+def _number(v) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def change(metric: str, first, second, test: dict | None) -> str:
+    """second − first: with its paired test where the rows allow one (`+d [lo, hi] p=…`, better or
+    worse only when p < 0.05); else the plain difference and its direction (loss, perplexity,
+    corpus-level metrics have no per-row values to test); "n/a" unless both are numbers."""
+    if test:
+        return _with_verdict(metric, test)
+    a, b = _number(first), _number(second)
+    if a is None or b is None:
+        return "n/a"
+    if a == b:
+        return f"{b - a:+.4g}"
+    return f"{b - a:+.4g} ({'better' if (b < a) == lower_is_better(metric) else 'worse'})"
+
+
 def eval_rows(results: dict) -> list[tuple[str, ...]]:
     """Header, then task (n) | metric | target [ci] | baseline [ci] | target − baseline [ci] p."""
     baseline = (results.get("baseline") or {}).get("tasks", {})
@@ -62,7 +82,8 @@ def eval_rows(results: dict) -> list[tuple[str, ...]]:
                 f"{task} (n={metrics.get('n', '?')})", metric,
                 fmt_interval(metrics.get(metric), (metrics.get("ci95") or {}).get(metric)),
                 fmt_interval(base.get(metric), (base.get("ci95") or {}).get(metric)) if base else "n/a",
-                _with_verdict(metric, (comparison.get(task) or {}).get(metric)),
+                change(metric, base.get(metric), metrics.get(metric), (comparison.get(task) or {}).get(metric))
+                if base else "n/a",
             ))
     return rows
 
@@ -78,7 +99,7 @@ def before_after_rows(ev: dict | None) -> list[tuple[str, ...]]:
             metric,
             fmt_interval(before.get(metric), (ci.get("before") or {}).get(metric)),
             fmt_interval(after.get(metric), (ci.get("after") or {}).get(metric)),
-            _with_verdict(metric, comparison.get(metric)),
+            change(metric, before.get(metric), after.get(metric), comparison.get(metric)),
         ))
     return rows
 

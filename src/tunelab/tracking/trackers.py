@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from tunelab.tracking.report import format_before_after
+from tunelab.tracking.stat_tables import format_before_after
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def _to_tensorboard(folder: Path, before: dict, after: dict, samples: list[dict]
     from torch.utils.tensorboard import SummaryWriter
 
     with SummaryWriter(log_dir=str(folder)) as writer:  # a file of its own beside the trainer's
-        writer.add_text("results/before_after", _code(format_before_after(before, after)), step)
+        writer.add_text("results/before_after", _code(format_before_after({"before": before, "after": after})), step)
         writer.add_text("results/samples", "\n\n".join(_sample_markdown(i, s) for i, s in enumerate(samples, 1))
                         or "no samples (eval.generation_samples=0)", step)
 
