@@ -34,7 +34,7 @@ and `--data` (the folder holding samsum/):
   64 samples padded to the longest, LoRA r16 all-linear (dropout 0.05), AdamW 2e-4 cosine, bf16
   autocast, the same tokenized samples (`--hf-steps` cuts its epoch short);
 - `tunelab_before`: the recipe's optimisation before issue #12 (4 rows × 2 micro-steps, lr 2e-4,
-  dropout 0.05), for its validation loss after the epoch;
+  dropout 0.05, eager), for its validation loss after the epoch;
 - `tunelab_eager`: `tunelab` with train.compile=off, for what compiling buys.
 tokens/s = real training tokens over training time (validation excluded), MFU = 6N × tokens/s over
 the GPU's dense bf16 peak (tunelab.speed), val_loss_after = token-weighted loss on the recipe's
@@ -108,7 +108,7 @@ EPOCH_OVERRIDES = {
     "tunelab_before": ["train.batch_size=4", "train.grad_accum=2", "train.tokens_per_step=null", "train.lr=2e-4",
                        "train.warmup_ratio=0.03", "peft.dropout=0.05", "train.logging_steps=1",
                        "train.eval_every=null", "train.save_every=null", "eval.before=false",
-                       "eval.generation_samples=0"],
+                       "eval.generation_samples=0", "train.compile=off"],
 }
 """`tunelab train RECIPE` overrides per impl (besides model, data and run folder)."""
 
@@ -485,7 +485,7 @@ def run_epoch_config(config: str, impls: list[str], args, rows: list[dict], out:
     runs = Path(args.runs)
     new, log = [], out / "train_speed_logs.txt"
     for impl in impls:
-        left = deadline - time.time()
+        left = min(deadline - time.time(), args.impl_timeout_s + 5)
         if left < args.min_left_s:
             row, output = {"impl": impl, "error": f"skipped: {left:.0f} s of the budget left"}, ""
         elif impl == "hf_peft_padded":
@@ -496,7 +496,7 @@ def run_epoch_config(config: str, impls: list[str], args, rows: list[dict], out:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=left - 5)
                 output = proc.stdout + proc.stderr
                 found = [line[4:] for line in proc.stdout.splitlines() if line.startswith("ROW ")]
-                row = json.loads(found[-1]) if found else {"impl": impl, "error": output[-2500:]}
+                row = json.loads(found[-1]) if found else {"impl": impl, "exit": proc.returncode, "error": output[-2500:]}
             except subprocess.TimeoutExpired as err:
                 output = _text(err.stdout) + _text(err.stderr)
                 row = {"impl": impl, "error": "timeout"}
@@ -564,6 +564,7 @@ def main() -> None:
     parser.add_argument("--hf-steps", type=int, help="hf_peft_padded: stop after this many batches of 64")
     parser.add_argument("--deadline-s", type=float, default=1e9, help="epoch configs: the whole budget")
     parser.add_argument("--min-left-s", type=float, default=30, help="epoch configs: skip an impl with less left")
+    parser.add_argument("--impl-timeout-s", type=float, default=1e9, help="epoch configs: the most one impl may take")
     parser.add_argument("--smoke", nargs="*", default=[], help="epoch configs: extra overrides (a CPU dry run)")
     parser.add_argument("--hf", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, required=True)
