@@ -18,8 +18,9 @@ from tunelab.tracking.metrics import read_jsonl
 
 COMMON = ("train.save_every=2", "train.max_steps=4", "peft.dropout=0.1", "data.max_train_samples=16",
           "data.max_eval_samples=4")
-PROCESS_NUMBERS = ("runtime_s", "peak_memory_gb", "tokens_per_s", "pad_fraction")
-"""Summary numbers that describe the process that ran, not the run."""
+PROCESS_NUMBERS = ("runtime_s", "training_s", "step_time_s", "tokens", "peak_memory_gb", "tokens_per_s", "mfu",
+                   "pad_fraction")
+"""Summary numbers that describe the process that ran, not the run (a resumed process trains fewer tokens)."""
 
 
 def _run(tmp, tiny_model_dir, task_dir, *extra):
