@@ -128,6 +128,19 @@ def test_summary_counts_training_tokens_over_training_time(tmp_path, tiny_model_
     assert evals == list(range(t["steps"] + 1))  # the last one is "after": validated once, not twice
 
 
+def test_the_compiled_steps_collator_gives_one_shape_and_counts_only_real_tokens():
+    from tunelab.data.batching import Collator
+    from tunelab.data.templates import IGNORE_INDEX
+
+    collate = Collator(0, width=8, rows=3)
+    batch = collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "position_ids": [0, 1, 0]}])
+    assert {k: tuple(v.shape) for k, v in batch.items()} == {"input_ids": (3, 8), "labels": (3, 8),
+                                                             "position_ids": (3, 8)}
+    assert batch["position_ids"][0].tolist() == [0, 1, 0, 0, 1, 2, 3, 4]  # the pad tail is a sample of its own
+    assert batch["position_ids"][2].tolist() == list(range(8)) and (batch["labels"][1:] == IGNORE_INDEX).all()
+    assert (collate.real_tokens, collate.total_tokens) == (3, 24)
+
+
 def _lora_model(tokenizer):
     from peft import LoraConfig, get_peft_model
 

@@ -350,7 +350,8 @@ class TrainConfig(_Section):
         into grad_accum micro-steps. SFT on one CUDA device replaces `auto` by a probed split."""
         rows = self.rows_per_step(max_length, processes)
         if self.batch_size != "auto":
-            return self.batch_size, self.grad_accum if self.tokens_per_step is None else max(1, -(-rows // self.batch_size))
+            accum = self.grad_accum if self.tokens_per_step is None else max(1, -(-rows // self.batch_size))
+            return self.batch_size, accum
         return max(1, -(-rows // self.grad_accum)), self.grad_accum
 
     def rows_per_step(self, max_length: int, processes: int = 1) -> int:

@@ -136,7 +136,7 @@ class TunelabTrainer(Trainer):
 
     def _save_checkpoint(self, model, trial):
         # transformers' (private) checkpoint writer, wrapped: the one place every checkpoint passes
-        self.check_finite("writing checkpoint-{}".format(self.state.global_step))
+        self.check_finite(f"writing checkpoint-{self.state.global_step}")
         start = time.perf_counter()
         super()._save_checkpoint(model, trial)
         self.clock.host("saving", time.perf_counter() - start)

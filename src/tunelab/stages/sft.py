@@ -83,7 +83,8 @@ def batch_plan(cfg: Config, loaded: Loaded):
     step = autobatch.step_on(loaded.model, rows, collate, dtype)
     probe, usable = (None, None)
     if t.batch_size == "auto" and torch.cuda.is_available() and distributed.world_size() == 1:
-        probe, usable = autobatch.cuda_probe(step, sum(p.numel() for p in loaded.model.parameters() if p.requires_grad))
+        trainable = sum(p.numel() for p in loaded.model.parameters() if p.requires_grad)
+        probe, usable = autobatch.cuda_probe(step, trainable)
     return autobatch.plan(t, max_length, distributed.world_size(), probe, usable), step
 
 
@@ -129,9 +130,9 @@ def speed(trainer, training_s: float) -> dict:
     real_tokens = distributed.total(collator.real_tokens)  # a collective: every rank calls it
     tokens_per_s = real_tokens / training_s if training_s else None
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    per_device = tokens_per_s / distributed.world_size() if tokens_per_s else None
     return {"tokens": real_tokens, "tokens_per_s": tokens_per_s,
-            "mfu": mfu(parameter_count(trainer.model), tokens_per_s / distributed.world_size() if tokens_per_s else None,
-                       device),
+            "mfu": mfu(parameter_count(trainer.model), per_device, device),
             "pad_fraction": collator.pad_fraction, "batch": trainer.batch_plan.summary(),
             "compiled": bool(trainer.compiled)}
 
