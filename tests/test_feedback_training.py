@@ -8,7 +8,6 @@ test_preference_training.py), so one token tells them apart and a few steps suff
 from __future__ import annotations
 
 import json
-import sys
 import textwrap
 
 import pytest
@@ -115,4 +114,3 @@ def test_rl_checks_rewards_before_loading(tmp_path, tiny_model_dir, marker_pairs
         rl.run(_cfg(tmp_path / "run", tiny_model_dir, marker_pairs))
     with pytest.raises(TunelabError, match="preference.rewards.0: function 'bleu'"):
         load_config(None, ["data.source=x", "data.format=hh_rlhf", "preference.rewards=[bleu]"])
-    assert "my_rewards" not in sys.modules
