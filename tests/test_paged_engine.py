@@ -270,6 +270,32 @@ def test_rloo_rollouts_go_through_the_engine(lively, tokenizer):
     assert trainer._generate_single_turn(prompts, None, {}) == "trl's own path"
 
 
+def test_grpo_rollouts_go_through_the_engine(lively, tokenizer):
+    """GRPOTrainer's variant takes num_generations and returns (ids, logprobs): the engine's ids
+    equal the RLOO hook's for the same seeds, logprobs None (only vLLM gives them)."""
+    from types import SimpleNamespace
+
+    from tunelab.inference.rollouts import EngineRollouts, GrpoEngineRollouts
+
+    class Trl:
+        def _generate_single_turn(self, *args):
+            return "trl's own path"
+
+    settings = dict(use_vllm=False, accelerator=SimpleNamespace(num_processes=1, unwrap_model=lambda m: m),
+                    model=lively.eval(), min_p=None, repetition_penalty=1.0, max_completion_length=4, temperature=1.0,
+                    top_p=1.0, top_k=None, _tokenizer=tokenizer)
+    grpo, rloo = type("G", (GrpoEngineRollouts, Trl), {})(), type("R", (EngineRollouts, Trl), {})()
+    grpo.__dict__.update(settings)
+    rloo.__dict__.update(settings)
+    prompts = _prompts(tokenizer, 2) * 2
+    torch.manual_seed(3)
+    ids, logprobs = grpo._generate_single_turn(prompts, None, {}, 2)
+    torch.manual_seed(3)
+    assert logprobs is None and ids == rloo._generate_single_turn(prompts, None, {})
+    grpo.use_transformers_continuous_batching = True
+    assert grpo._generate_single_turn(prompts, None, {}, 2) == "trl's own path"
+
+
 def test_eval_generation_uses_the_training_model_itself(tokenizer):
     """evals.generation.generate on a peft model in train mode: its current weights through the
     engine (the same text as generate()), and back in train mode afterwards."""

@@ -54,6 +54,20 @@ def test_reward_model_learns_to_rank_the_marker(reward_run):
     assert adapter["task_type"] == "SEQ_CLS" and "score" in adapter["modules_to_save"]  # the head is saved too
 
 
+def test_reward_model_starts_from_a_lora_run(tmp_path, tiny_model_dir, marker_pairs):
+    """model.name=<an SFT LoRA run>: its causal-LM adapter is merged into the classifier's body."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    sft = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                         LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False, task_type="CAUSAL_LM"))
+    sft.save_pretrained(tmp_path / "sft" / "adapter")
+    result = reward.run(_cfg(tmp_path / "run", tmp_path / "sft", marker_pairs, "train.max_steps=1"))
+    assert result.summary["train"]["steps"] == 1 and (result.run_dir / "adapter" / "adapter_config.json").is_file()
+
+
 def test_qlora_reward_model_trains_on_cpu(tmp_path, tiny_model_dir, marker_pairs):
     """4-bit base: trl casts the trained score head to bf16; it must still match the fp32 hidden states here."""
     result = reward.run(_cfg(tmp_path / "run", tiny_model_dir, marker_pairs, "quantization.bits=4", "train.max_steps=3"))

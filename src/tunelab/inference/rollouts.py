@@ -40,8 +40,26 @@ class EngineRollouts:
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields):
         if not engine_can_roll_out(self, images, multimodal_fields):
             return super()._generate_single_turn(prompt_ids, images, multimodal_fields)
-        seeds = torch.randint(0, 2**32 - 1, (len(prompt_ids),)).tolist()
-        params = [SamplingParams(max_new_tokens=self.max_completion_length, temperature=self.temperature,
-                                 top_p=self.top_p if self.top_p is not None else 1.0, top_k=self.top_k or 0, seed=s)
-                  for s in seeds]
-        return rollouts(self.accelerator.unwrap_model(self.model), self._tokenizer, prompt_ids, params)
+        return engine_completions(self, prompt_ids)
+
+
+class GrpoEngineRollouts:
+    """Mix in before trl's GRPOTrainer. Its `_generate_single_turn` also takes `num_generations`
+    (used by its vLLM path only: the prompts arrive repeated already) and returns the sampled
+    tokens' logprobs beside the ids, which only vLLM provides (None otherwise, as here)."""
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        if getattr(self, "use_transformers_continuous_batching", False) or not engine_can_roll_out(
+                self, images, multimodal_fields):
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
+                                                 has_tool_images)
+        return engine_completions(self, prompt_ids), None
+
+
+def engine_completions(trainer, prompt_ids: list[list[int]]) -> list[list[int]]:
+    """The trainer's sampling settings, a seed per completion from torch's generator."""
+    seeds = torch.randint(0, 2**32 - 1, (len(prompt_ids),)).tolist()
+    params = [SamplingParams(max_new_tokens=trainer.max_completion_length, temperature=trainer.temperature,
+                             top_p=trainer.top_p if trainer.top_p is not None else 1.0, top_k=trainer.top_k or 0, seed=s)
+              for s in seeds]
+    return rollouts(trainer.accelerator.unwrap_model(trainer.model), trainer._tokenizer, prompt_ids, params)

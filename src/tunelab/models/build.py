@@ -157,8 +157,13 @@ def build_model(source: ModelSource, tokenizer, *, dtype: torch.dtype | str, ada
         elif quantization is not None:
             raise TunelabError(f"model.name: {source.adapter} is a LoRA run; merge it first (`tunelab merge`) "
                                "to train a quantized model on top of it")
-        else:
-            model = PeftModel.from_pretrained(model, source.adapter).merge_and_unload()
+        else:  # a causal-LM adapter folds into any head's body (the reward model's classifier too)
+            from peft import PeftConfig
+
+            config = PeftConfig.from_pretrained(source.adapter)
+            if auto_class is not AutoModelForCausalLM:
+                config.task_type = None  # else peft wraps a classifier as a causal LM and fails
+            model = PeftModel.from_pretrained(model, source.adapter, config=config).merge_and_unload()
     model.config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "generation_config", None) is not None:  # a classifier (reward model) has none
         model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -80,11 +80,18 @@ def build(cfg: Config, loaded: Loaded, args_for, callbacks):
     model, peft_config = load_policy(cfg, loaded.tokenizer)
     common = {"beta": p.kl_coef, "num_generations": p.num_generations, "max_completion_length": p.max_new_tokens,
               "temperature": p.temperature, "remove_unused_columns": False, "reward_weights": rewards.weights}
-    if p.algorithm == "rloo":
-        from trl import RLOOConfig as config_class, RLOOTrainer as trainer_class
-    else:
-        from trl import GRPOConfig as config_class, GRPOTrainer as trainer_class
+    # Rollouts go through tunelab's engine on the policy's current weights (inference/rollouts.py:
+    # one trl method overridden; trl's own path stays for vLLM, several processes, other models).
+    from tunelab.inference.rollouts import EngineRollouts, GrpoEngineRollouts
 
+    if p.algorithm == "rloo":
+        from trl import RLOOConfig as config_class, RLOOTrainer
+
+        trainer_class = type("TunelabRLOO", (EngineRollouts, RLOOTrainer), {})
+    else:
+        from trl import GRPOConfig as config_class, GRPOTrainer
+
+        trainer_class = type("TunelabGRPO", (GrpoEngineRollouts, GRPOTrainer), {})
         common.update(loss_type=p.grpo_loss, scale_rewards=p.scale_rewards)
     return trainer_class(
         model=model, reward_funcs=rewards.funcs, args=args_for(config_class, **common), train_dataset=loaded.data.train,
