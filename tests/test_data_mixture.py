@@ -85,7 +85,7 @@ def test_mixture_config_errors_name_the_entry(overrides, problem):
         load_config(None, overrides)
 
 
-def test_the_mixture_recipe_trains_and_reports_shares(tmp_path, tiny_model_dir, monkeypatch):
+def test_the_mixture_recipe_trains_and_reports_shares_and_each_sources_loss(tmp_path, tiny_model_dir, monkeypatch):
     shared_data("samsum"), shared_data("oasst_guanaco_style")
     monkeypatch.chdir(REPO)  # the recipe names ../shared/data/... from the repository root
     from tunelab.stages import sft
@@ -100,3 +100,9 @@ def test_the_mixture_recipe_trains_and_reports_shares(tmp_path, tiny_model_dir, 
     mixed = json.loads((tmp_path / "summary.json").read_text())["data"]["sources"]
     assert set(mixed) == {"samsum", "oasst"} and mixed["oasst"]["repeated"] == 0
     assert abs(mixed["samsum"]["token_share"] - 0.8) < 0.05  # 16 OASST conversations: a coarse draw
+    for side in ("before", "after"):  # each source's validation loss; the whole is their token-weighted mean
+        ev = summary["eval"][side]
+        parts = [ev["loss_samsum"], ev["loss_oasst"]]
+        assert parts[0] != parts[1] and min(parts) < ev["loss"] < max(parts)
+    report = (tmp_path / "report.html").read_text()
+    assert "<h3>Mixture</h3>" in report and f"{summary['eval']['after']['loss_oasst']:.4g}" in report

@@ -1,7 +1,8 @@
 """The transformers Trainer, plus only what tunelab adds to it.
 
 - `evaluate` reports token-weighted validation loss and perplexity (the stock loop averages
-  per-batch means), so early stopping and best-checkpoint selection use the number we report.
+  per-batch means), so early stopping and best-checkpoint selection use the number we report; for a
+  mixture also each source's loss (`eval_loss_<source>`), from the same pass over the same rows.
 - mid-run validations can also score greedy generations (`train.eval_generation`), so early
   stopping and the best checkpoint can follow a task metric instead of the loss.
 - a non-finite loss stops the run, naming the step, before any checkpoint holds its update: each
@@ -31,12 +32,14 @@ from tunelab.speed import StepClock
 
 
 class TunelabTrainer(Trainer):
-    def __init__(self, *args, generation=None, eval_collator=None, **kwargs):
+    def __init__(self, *args, generation=None, eval_collator=None, eval_parts=None, **kwargs):
         """generation: (train.eval_generation, validation examples, eval settings) to also score
         generations at mid-run validations, or None. eval_collator: the validation loader's collator
-        (default: the training one)."""
+        (default: the training one). eval_parts: a mixture's validation rows per source, whose
+        concatenation is `eval_dataset` (PreparedData.eval_parts)."""
         super().__init__(*args, **kwargs)
         self.generation = generation
+        self.eval_parts = eval_parts or {}
         self.eval_collator = eval_collator or self.data_collator
         self.clock = StepClock(cuda=self.args.device.type == "cuda")
         self.last_eval: tuple[int, dict] | None = None  # (step, metrics) of the latest validation in training
@@ -47,13 +50,17 @@ class TunelabTrainer(Trainer):
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
         start = time.time()
-        total, count = loss_sums(self.model, eval_loader(self, eval_dataset))
-        result = summarize(total.item(), count.item())
+        parts = self.eval_parts if eval_dataset is None else {}
+        sums = {name: loss_sums(self.model, eval_loader(self, rows), f"validation loss ({name})")
+                for name, rows in parts.items()} or {None: loss_sums(self.model, eval_loader(self, eval_dataset))}
+        result = summarize(sum(t for t, _ in sums.values()).item(), sum(c for _, c in sums.values()).item())
         metrics = {
             f"{metric_key_prefix}_loss": result["loss"],
             f"{metric_key_prefix}_perplexity": result["perplexity"],
             f"{metric_key_prefix}_tokens": result["tokens"],
         }
+        for name, (total, count) in sums.items() if parts else ():
+            metrics[f"{metric_key_prefix}_loss_{name}"] = summarize(total.item(), count.item())["loss"]
         if self.is_in_train and self.generation:
             metrics.update({f"{metric_key_prefix}_{k}": v for k, v in self.generation_scores().items()})
         metrics[f"{metric_key_prefix}_runtime"] = round(time.time() - start, 3)

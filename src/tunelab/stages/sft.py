@@ -58,8 +58,8 @@ def build(cfg: Config, loaded: Loaded, args_for, callbacks):
     static = {"width": cfg.data.max_length, "rows": plan.batch_size} if compiled else {}
     trainer = TunelabTrainer(
         model=loaded.model, args=args, train_dataset=data.train, eval_dataset=data.eval,
-        data_collator=Collator(pad, **static), eval_collator=Collator(pad), processing_class=loaded.tokenizer,
-        callbacks=callbacks,
+        data_collator=Collator(pad, **static), eval_collator=Collator(pad), eval_parts=data.eval_parts,
+        processing_class=loaded.tokenizer, callbacks=callbacks,
         generation=(cfg.train.eval_generation, data.eval_examples, cfg.eval) if cfg.train.eval_generation else None,
     )
     trainer.batch_plan, trainer.compiled = plan, compiled
@@ -89,12 +89,14 @@ def batch_plan(cfg: Config, loaded: Loaded):
 
 
 def measure(trainer, cfg: Config, loaded: Loaded, label: str) -> tuple[dict, list[dict]]:
-    """Validation loss/perplexity on all validation rows, task metrics on the first generation_samples."""
+    """Validation loss/perplexity on all validation rows (a mixture: also each source's, `loss_<source>`),
+    task metrics on the first generation_samples."""
     from tunelab.evals.generation import generation_eval
 
     metrics = last_validation(trainer) if label == "after" else None
     metrics = metrics or trainer.evaluate()
-    result = {"loss": metrics["eval_loss"], "perplexity": metrics["eval_perplexity"]}
+    result = {"loss": metrics["eval_loss"], "perplexity": metrics["eval_perplexity"],
+              **{f"loss_{name}": metrics[f"eval_loss_{name}"] for name in loaded.data.eval_parts}}
     task, rows = generation_eval(
         loaded.model, loaded.tokenizer, loaded.data.eval_examples, cfg.eval.generation_samples, cfg.eval.metrics,
         cfg.eval.max_new_tokens, cfg.eval.batch_size, desc=f"generating ({label})",

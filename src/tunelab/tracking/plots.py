@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 
 # (records key, legend label, line style)
 _LOSS_SERIES = (("loss", "train", "-"), ("eval_loss", "validation", "o-"))
+_SOURCE_LOSS = "eval_loss_"  # + a mixture source's name: its validation loss (TunelabTrainer.evaluate)
 _PPL_SERIES = (("train_perplexity", "train", "-"), ("perplexity", "validation", "o-"))
 _LR_SERIES = (("learning_rate", "learning rate", "-"),)
 # Generation metrics that train.eval_generation may log at mid-run validations.
@@ -66,8 +67,10 @@ def plot_metrics(records: list[dict], out_dir: str | os.PathLike) -> list[Path]:
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    per_source = sorted({k for r in records for k in r if k.startswith(_SOURCE_LOSS)})  # a mixture's sources
+    loss_series = (*_LOSS_SERIES, *((k, f"validation: {k[len(_SOURCE_LOSS):]}", "o--") for k in per_source))
     written = [
-        _plot(records, _LOSS_SERIES, "Loss", "cross-entropy loss", out_dir / "loss.png"),
+        _plot(records, loss_series, "Loss", "cross-entropy loss", out_dir / "loss.png"),
         _plot(records, _PPL_SERIES, "Perplexity", "perplexity", out_dir / "perplexity.png"),
         _plot(records, _GENERATION_SERIES, "Generation metrics (validation)", "score", out_dir / "generation.png"),
         _plot(records, _LR_SERIES, "Learning rate", "learning rate", out_dir / "learning_rate.png", min_points=2),

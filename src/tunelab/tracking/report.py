@@ -83,6 +83,23 @@ def _samples(samples: list | None) -> list[dict]:
             for s in (samples or [])[:MAX_SAMPLES] if isinstance(s, dict)]
 
 
+def mixture_rows(data: dict, ev: dict) -> list[tuple[str, ...]]:
+    """Header, then one row per source of a mixture: its weight and target share, the share of the
+    training tokens it got, its samples, and its validation loss before → after; [] for one source."""
+    sources = data.get("sources") if isinstance(data.get("sources"), dict) else {}
+    if not sources:
+        return []
+    before, after = ev.get("before") or {}, ev.get("after") or {}
+    rows = [("source", "weight", "target share", "token share", "loss-token share", "train samples (of available)",
+             "repeated", "validation loss before", "after")]
+    for name, s in sources.items():
+        rows.append((name, fmt_value(s.get("weight")), fmt_value(s.get("target_share")), fmt_value(s.get("token_share")),
+                     fmt_value(s.get("loss_token_share")),
+                     f"{s.get('train_samples')} ({s.get('available_train_samples')})", fmt_value(s.get("repeated")),
+                     fmt_value(before.get(f"loss_{name}")), fmt_value(after.get(f"loss_{name}"))))
+    return rows
+
+
 def write_report(run_dir: str | os.PathLike) -> Path:
     """Build run_dir/report.html from the run folder's files and return its path."""
     run_dir = Path(run_dir)
@@ -92,12 +109,15 @@ def write_report(run_dir: str | os.PathLike) -> Path:
     ev = summary.get("eval") if isinstance(summary.get("eval"), dict) else {}
     warnings = summary.get("warnings") if isinstance(summary.get("warnings"), list) else []
     name = run_dir.resolve().name
+    data = summary.get("data") if isinstance(summary.get("data"), dict) else {}
+    mixture = mixture_rows(data, ev)
     page = render(
         "report/run.html", title=f"tunelab run {name}", heading=name, model=summary.get("model"),
         method=summary.get("method"), warnings=[str(w) for w in warnings],
         rows=before_after_rows(ev), plots=_plots(run_dir / "plots"),
         samples=_samples(samples), total=len(samples or []), train=_kv_rows(summary.get("train")),
-        data=_kv_rows(summary.get("data")), config=_read_optional(run_dir / "config.yaml", lambda p: p.read_text("utf-8")),
+        data=_kv_rows({k: v for k, v in data.items() if not (mixture and k == "sources")}), mixture=mixture,
+        config=_read_optional(run_dir / "config.yaml", lambda p: p.read_text("utf-8")),
     )
     return atomic_write_text(run_dir / "report.html", page)
 
