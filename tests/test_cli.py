@@ -33,10 +33,32 @@ def test_a_path_like_target_that_does_not_exist_is_no_such_folder(name, tmp_path
 
 
 def test_an_owner_slash_name_without_a_local_folder_stays_a_hub_id(tmp_path, monkeypatch):
+    from tunelab import hub
     from tunelab.models.loading import resolve
 
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(hub, "reachable", lambda: True)
     assert resolve("HuggingFaceTB/SmolLM2-135M").path == "HuggingFaceTB/SmolLM2-135M"
+
+
+def test_an_unreachable_hub_fails_a_model_id_at_once_unless_it_is_cached(tmp_path, monkeypatch):
+    """Offline, the hub client would retry for a minute with a warning per retry, then fail."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from tunelab import hub
+    from tunelab.models.loading import resolve
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(hub, "reachable", lambda: False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, name: None)
+    with pytest.raises(TunelabError, match="model.name: someone/model is a Hugging Face Hub id, .* cannot be reached "
+                                           "and it is not in the local cache; use model.name=embedded"):
+        resolve("someone/model")
+    assert not constants.HF_HUB_OFFLINE
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, name: str(tmp_path / "config.json"))
+    assert resolve("someone/model").path == "someone/model" and constants.is_offline_mode()  # read from the cache
 
 
 def test_generate_on_a_missing_run_folder_says_so(tmp_path, monkeypatch, capsys):

@@ -369,12 +369,15 @@ def load_examples(
     else:
         if not _HUB_ID.fullmatch(source) or Path(source).suffix.lower() in BUILDERS:
             raise TunelabError(f"data.source: {source} does not exist (no such file or folder)")
+        from tunelab.hub import dataset_or_cache
+
+        offline = dataset_or_cache()
         try:
             hub = datasets.load_dataset(source, subset, cache_dir=cache_dir)
         except Exception as e:  # noqa: BLE001 - offline, unknown id, wrong subset: all one answer
             raise TunelabError(
                 f"data.source '{source}' is neither an existing local path nor a reachable Hugging Face Hub "
-                f"dataset ({type(e).__name__}: {e})"
+                f"dataset{offline} ({type(e).__name__}: {e})"
             ) from e
         scans = {split: _scan(_hub_rows(source, split, ds), data_format, found) for split, ds in hub.items()}
         _report(source, scans, found, bad_rows, data_format)

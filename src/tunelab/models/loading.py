@@ -126,6 +126,9 @@ def resolve(name: str) -> ModelSource:
     if looks_like_path(name):
         raise TunelabError(f"model.name: no such folder {name} ({path.absolute()} does not exist)")
     if name.count("/") == 1:
+        from tunelab import hub
+
+        hub.model_or_cache(name)
         return ModelSource(name)  # a Hub id
     raise TunelabError(
         f"model.name: {name!r} is not `embedded`, a .gguf file, an existing folder or a Hub id (owner/name)"
