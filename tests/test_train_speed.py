@@ -242,3 +242,13 @@ def test_repetition_loops_are_outputs_that_repeat_to_the_token_limit():
     assert not loops([1, 2, 3] * 4, 16)  # stopped by itself before the limit
     assert not loops(list(range(16)), 16)  # at the limit, but no repeated tail
     assert not loops([1, 2, 3, 4] * 2 + [5, 6, 7, 8], 12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_a_gpu_the_batch_is_probed_and_the_layers_compile_on_the_gpu(tmp_path, tiny_model_dir, task_dir):
+    """The probe and the compile check run before the Trainer moves the model to the GPU; on the CPU
+    they failed in the Triton kernels (the shipped recipe crashed on every GPU)."""
+    s = sft.run(_cfg(tmp_path, tiny_model_dir, task_dir, "train.batch_size=auto", "train.tokens_per_step=2048",
+                     "eval.generation_samples=0")).summary["train"]
+    assert s["batch"]["auto"] and s["batch"]["probes"] and all(peak for _, peak in s["batch"]["probes"])
+    assert s["compiled"] and s["batch"]["batch_size"] * s["batch"]["grad_accum"] == 8  # 2048 slots / 256

@@ -76,13 +76,18 @@ def batch_plan(cfg: Config, loaded: Loaded):
     from tunelab.models.build import precision
 
     t, max_length = cfg.train, cfg.data.max_length
+    one_cuda = torch.cuda.is_available() and distributed.world_size() == 1
+    if one_cuda and not hasattr(loaded.model, "hf_device_map"):  # (a 4-bit model is on the GPU already)
+        # The Trainer moves the model to the GPU in its constructor, but the probe and the compile
+        # check run before it: on the CPU they would measure nothing and fail in the Triton kernels.
+        loaded.model.to(torch.device("cuda", torch.cuda.current_device()))
     rows = [loaded.data.train[i] for i in range(min(len(loaded.data.train), t.rows_per_step(max_length)))]
     autocast = precision(t.precision, cfg.model.dtype)
     dtype = torch.bfloat16 if autocast.bf16 else torch.float16 if autocast.fp16 else None
     collate = Collator(loaded.tokenizer.pad_token_id, width=max_length)
     step = autobatch.step_on(loaded.model, rows, collate, dtype)
     probe, usable = (None, None)
-    if t.batch_size == "auto" and torch.cuda.is_available() and distributed.world_size() == 1:
+    if t.batch_size == "auto" and one_cuda:
         trainable = sum(p.numel() for p in loaded.model.parameters() if p.requires_grad)
         probe, usable = autobatch.cuda_probe(step, trainable)
     return autobatch.plan(t, max_length, distributed.world_size(), probe, usable), step
