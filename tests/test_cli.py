@@ -110,6 +110,25 @@ def test_a_misspelt_command_suggests_the_near_one(capsys):
     assert code.value.code == 2 and "did you mean train?" in capsys.readouterr().err
 
 
+def test_top_level_help_lists_every_command(capsys):
+    """`tunelab --help` once ended in a TypeError: a help text's "95% intervals" read as a %-format."""
+    from tunelab.commands import COMMANDS
+
+    with pytest.raises(SystemExit) as code:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert code.value.code == 0 and all(command.name in out for command in COMMANDS)
+
+
+def test_a_misspelt_subcommand_suggests_the_near_one(capsys):
+    with pytest.raises(SystemExit) as code:
+        main(["review", "add-tsk"])
+    assert code.value.code == 2 and "did you mean add-task?" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as code:
+        main(["data", "inspekt", "quickstart"])
+    assert code.value.code == 2 and "did you mean inspect?" in capsys.readouterr().err
+
+
 def test_misspelt_task_and_style_names_suggest_the_near_ones():
     from tunelab.evals.tasks import check_names
     from tunelab.inference.prompts import load_style
@@ -177,3 +196,19 @@ def test_chat_help_commands_and_history_across_sessions(tmp_path, tokenizer, mon
     assert "model> ok" in out
     saved = (tmp_path / "chat_history").read_text().splitlines()
     assert saved[0] == "an earlier question" and saved[-2:] == ["hello", "/exit"]
+
+
+def test_servers_stopped_by_ctrl_c_say_so(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """uvicorn handles Ctrl-C itself and returns: serve, review serve and board ended silently with
+    exit 0, their `interrupted` messages never shown."""
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: None)  # returns as after Ctrl-C or SIGTERM
+    db = f"sqlite:///{tmp_path / 'review.db'}"
+    assert main(["review", "init", "--db", db]) == 0
+    for argv, said in [(["serve", str(tiny_model_dir)], "server stopped"),
+                       (["review", "serve", "--db", db], "review app stopped"),
+                       (["board", "--runs", str(tmp_path)], "board stopped")]:
+        capsys.readouterr()
+        assert main(argv) == 130, argv
+        assert capsys.readouterr().err.strip().endswith(said), argv

@@ -135,6 +135,20 @@ def test_an_unknown_key_suggests_the_near_one():
         load_config(None, ["data.format=samsum", "data.source=x", "trian.lr=1e-4"])
 
 
+def test_an_unknown_data_format_is_a_config_error_with_a_suggestion():
+    """It was found only once the stage had imported torch and loaded the tokenizer (~7 s)."""
+    with pytest.raises(TunelabError, match=r"data.format: unknown format 'samsun'; did you mean samsum\? \(formats: samsum, "):
+        load_config(None, ["data.format=samsun", "data.source=x"])
+    with pytest.raises(TunelabError, match=r"data.sources\[1\].format: unknown format 'alpacca'; did you mean alpaca\?"):
+        load_config(None, ["data.format=samsum", "data.sources=[{source: a}, {source: b, format: alpacca}]"])
+    for name in ("rankings", "ratings", "preferences", "custom"):  # the feedback formats register themselves on import
+        load_config(None, [f"data.format={name}", "data.source=x", "data.fields={prompt: p, completion: c}"])
+    from tunelab.config import EvalRunConfig, build_config
+
+    with pytest.raises(TunelabError, match="format: unknown format 'samsun'; did you mean samsum"):
+        build_config({"target": "embedded", "dataset": "x", "format": "samsun"}, "tunelab eval", EvalRunConfig)
+
+
 CONFIG_ERRORS = """
 import sys, time
 from tunelab.cli import main
@@ -151,7 +165,8 @@ def test_config_errors_of_every_training_command_import_no_torch(tmp_path):
     bad = _recipe(tmp_path, "data: {format: samsum, source: x}\ntrain: {optim: bogus_opt}\n")
     argvs = [["train", str(bad)], ["train", str(bad), "--nproc", "2"], ["reward", str(bad)], ["dpo", str(bad)],
              ["rl", str(bad)], ["kfold", str(bad)], ["quickstart", "train.optim=bogus_opt"],
-             ["train", str(bad), "train.lr=[1,"], ["eval", "embedded", "limit=0"]]
+             ["train", str(bad), "train.lr=[1,"], ["eval", "embedded", "limit=0"],
+             ["train", str(bad), "train.optim=adamw_torch", "data.format=samsun"]]
     out = subprocess.run([sys.executable, "-c", CONFIG_ERRORS.replace("ARGVS", repr(argvs))], cwd=tmp_path,
                          capture_output=True, text=True, check=True)
     codes, torch_loaded, _seconds = out.stdout.rsplit("]", 1)[0] + "]", *out.stdout.rsplit("]", 1)[1].split()

@@ -197,6 +197,15 @@ def test_unknown_task_and_missing_rows_are_user_errors(tmp_path, tiny_model_dir)
         _eval(str(tiny_model_dir), ["rouge"], output=str(tmp_path))
 
 
+def test_a_path_like_target_that_does_not_exist_is_no_such_folder(tmp_path, monkeypatch):
+    """`tunelab eval runs/nope` said the target was not a run folder and asked for --dataset."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    for target in ("runs/nope", "./nope", "runs/nope/adapter"):
+        with pytest.raises(TunelabError, match=f"no such folder {target} "):
+            _eval(target, ["rouge"], output=str(tmp_path / "out"))
+
+
 # --- lm-evaluation-harness --------------------------------------------------------------
 
 # Original HellaSwag validation rows (rowanz/hellaswag): our rows keep `ctx` whole, preprocessed.

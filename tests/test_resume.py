@@ -116,6 +116,24 @@ def test_a_run_killed_after_its_last_step_ends_as_the_uninterrupted_one(
     assert_same_end(_run(tmp_path, tiny_model_dir, task_dir, "train.resume=true").run_dir, straight)
 
 
+def test_a_run_that_validated_at_its_last_step_resumes_at_its_end_without_a_second_validation(
+        tmp_path, tiny_model_dir, task_dir, monkeypatch):
+    """With train.eval_every at the last step, that validation (logged before the last checkpoint) is
+    the "after" loss; a resumed run at its end logged a second one (a 7th metrics.jsonl line)."""
+    straight = _run(tmp_path / "straight", tiny_model_dir, task_dir, "train.eval_every=4").run_dir
+
+    def killed(*args, **kwargs):
+        raise Killed
+
+    monkeypatch.setattr(lifecycle, "save_output", killed)
+    with pytest.raises(Killed):
+        _run(tmp_path, tiny_model_dir, task_dir, "train.eval_every=4")
+    monkeypatch.undo()
+    resumed = _run(tmp_path, tiny_model_dir, task_dir, "train.eval_every=4", "train.resume=true").run_dir
+    assert_same_end(resumed, straight)
+    assert_same_end(_run(tmp_path, tiny_model_dir, task_dir, "train.eval_every=4", "train.resume=true").run_dir, straight)
+
+
 def test_resume_without_a_complete_checkpoint_says_so(tmp_path, tiny_model_dir, task_dir):
     (tmp_path / "run" / "checkpoints" / "checkpoint-2").mkdir(parents=True)  # cut short: no marker
     with pytest.raises(TunelabError, match="no complete checkpoint"):

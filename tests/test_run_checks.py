@@ -75,3 +75,19 @@ def test_a_failed_resume_leaves_the_run_folder_as_it_was(tmp_path, tiny_model_di
         sft.run(_cfg(tmp_path, tiny_model_dir, tmp_path / "gone.jsonl", "train.save_every=2", "train.max_steps=4",
                      "train.resume=true"))
     assert _listing(run) == before and (run / "config.yaml").read_text() == config
+
+
+def test_weights_that_cannot_be_read_are_one_error_naming_the_folder(tmp_path, tiny_model_dir, task_dir):
+    """A corrupt model.safetensors ended `tunelab train` and `serve` in safetensors' traceback."""
+    import shutil
+
+    from tunelab.models.build import load_for_eval
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"not safetensors" * 100)
+    with pytest.raises(TunelabError, match=f"model.name: cannot load weights from {broken}: "):
+        sft.run(_cfg(tmp_path, broken, task_dir))
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(TunelabError, match=f"cannot load weights from {broken}"):
+        load_for_eval(str(broken))

@@ -59,13 +59,21 @@ def _quiet_libraries(verbose: bool) -> None:
 
 
 def _check_command(parser: argparse.ArgumentParser, argv: list[str]) -> None:
-    """An unknown command name ends with the near one ("did you mean train?"); argparse alone lists them all."""
+    """An unknown command name ends with the near one ("did you mean train?"), and so does an
+    unknown subcommand of a group (`review add-tsk`); argparse alone lists them all."""
     from tunelab.commands import COMMANDS
+    from tunelab.commands.base import Group
 
-    name = next((arg for arg in argv if not arg.startswith("-")), None)
+    words = [arg for arg in argv if not arg.startswith("-")]
     names = [command.name for command in COMMANDS]
-    if name is not None and name not in names:
-        parser.error(f"unknown command {name!r}{did_you_mean(name, names)} (commands: {', '.join(names)})")
+    if words and words[0] not in names:
+        parser.error(f"unknown command {words[0]!r}{did_you_mean(words[0], names)} (commands: {', '.join(names)})")
+    group = next((command for command in COMMANDS if words and command.name == words[0]), None)
+    if isinstance(group, Group) and len(words) > 1:
+        subnames = [command.name for command in group.subcommands]
+        if words[1] not in subnames:
+            parser.error(f"unknown command '{group.name} {words[1]}'{did_you_mean(words[1], subnames)} "
+                         f"({group.name} commands: {', '.join(subnames)})")
 
 
 def parse_args(argv: list[str] | None):

@@ -208,6 +208,18 @@ def source_name(source: str) -> str:
     return re.sub(r"[^A-Za-z0-9_]+", "_", stem).strip("_").lower() or "data"
 
 
+def unknown_format(name: str) -> str | None:
+    """The problem with a data format name ("unknown format 'samsun'; did you mean samsum? ..."), or
+    None for a known one: checked with the config, not once the stage has imported torch."""
+    from tunelab.data import feedback  # noqa: F401  (registers its formats, rankings and ratings)
+    from tunelab.data.formats import FORMATS
+
+    names = [*FORMATS, "custom"]
+    if name in names:
+        return None
+    return f"unknown format {name!r}{did_you_mean(name, names)} (formats: {', '.join(names)})"
+
+
 def _data_problems(d: DataConfig) -> list[str]:
     """The data section's cross-field checks (one source or a mixture)."""
     if d.source is None and not d.sources:
@@ -217,7 +229,9 @@ def _data_problems(d: DataConfig) -> list[str]:
     where = ["data"] if not d.sources else [f"data.sources[{i}]" for i in range(len(d.sources))]
     problems = []
     for at, s in zip(where, d.mixture):
-        if s.format == "custom" and not s.fields:
+        if (unknown := unknown_format(s.format)) is not None:
+            problems.append(f"{at}.format: {unknown}")
+        elif s.format == "custom" and not s.fields:
             problems.append(f"{'data' if at == 'data' else at}.fields: required for format custom, "
                             "e.g. {prompt: question, completion: answer}")
     names = [s.name for s in d.mixture]
@@ -571,6 +585,8 @@ class EvalRunConfig(GenerationSettings):
     def _dataset_with_format(self) -> EvalRunConfig:
         if (self.dataset is None) != (self.format is None):
             raise ValueError("dataset: --dataset and --format go together: --dataset SOURCE --format NAME")
+        if self.format is not None and (unknown := unknown_format(self.format)) is not None:
+            raise ValueError(f"format: {unknown}")
         return self
 
 

@@ -200,6 +200,7 @@ def train(trainer, resume_from: Path | None) -> dict:
         # its last step (the best checkpoint's weights with load_best, the final log, on_train_end).
         # `_finalize_training` is transformers' own (private) tail of the loop; see ResumeGuard.
         trainer._finalize_training(None, 0, start)
+        keep_last_validation(trainer, resume_from)
     except torch.OutOfMemoryError:
         raise TunelabError(
             f"out of memory at step {trainer.state.global_step + 1}; the last checkpoint is kept in "
@@ -207,6 +208,19 @@ def train(trainer, resume_from: Path | None) -> dict:
             "lower data.max_length, set train.gradient_checkpointing=true, or use quantization.bits=4 (QLoRA)."
         ) from None
     return train_timing(trainer, time.time() - start)
+
+
+def keep_last_validation(trainer, checkpoint: Path) -> None:
+    """A run resumed at its end trains no step, so the validation its last step ran — logged before
+    that checkpoint was written, and kept in metrics.jsonl — is the loaded model's: given back to a
+    trainer that keeps one (`last_eval`), so "after" reuses it as the uninterrupted run did instead
+    of logging a second validation. (On one process: elsewhere every rank would have to agree.)"""
+    if not hasattr(trainer, "last_eval") or distributed.world_size() > 1:
+        return
+    step, metrics = trainer.state.global_step, checkpoint.parent.parent / "metrics.jsonl"
+    logged = [r for r in read_jsonl(metrics) if r.get("step") == step and "eval_loss" in r] if metrics.exists() else []
+    if logged:
+        trainer.last_eval = (step, {key: value for key, value in logged[-1].items() if key.startswith("eval_")})
 
 
 def train_timing(trainer, runtime_s: float) -> dict:

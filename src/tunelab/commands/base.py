@@ -20,7 +20,7 @@ class Command:
     interrupted = "interrupted"
 
     def register(self, sub) -> argparse.ArgumentParser:
-        parser = sub.add_parser(self.name, help=self.help, description=self.help)
+        parser = sub.add_parser(self.name, help=_literal(self.help), description=self.help)
         self.arguments(parser)
         parser.set_defaults(command=self)
         return parser
@@ -32,17 +32,29 @@ class Command:
         raise NotImplementedError
 
 
+class Stopped(KeyboardInterrupt):
+    """A server stopped by Ctrl-C (or SIGTERM). uvicorn handles the signal itself and returns from
+    `uvicorn.run` once the server is down; a server command raises this then, so it ends as Ctrl-C
+    ends every other command: its own `interrupted` message, exit 130."""
+
+
 class Group(Command):
     """A command with subcommands (`tunelab review init|serve|…`)."""
 
     subcommands: tuple[Command, ...] = ()
 
     def register(self, sub) -> argparse.ArgumentParser:
-        parser = sub.add_parser(self.name, help=self.help, description=self.help)
+        parser = sub.add_parser(self.name, help=_literal(self.help), description=self.help)
         children = parser.add_subparsers(dest=f"{self.name}_command", required=True)
         for command in self.subcommands:
             command.register(children)
         return parser
+
+
+def _literal(help_text: str) -> str:
+    """A command's help as argparse shows it in its parent's list, which %-formats it: "95% intervals"
+    ended `tunelab --help` in a TypeError. (A parser's description is shown as written.)"""
+    return help_text.replace("%", "%%")
 
 
 def add_overrides(parser: argparse.ArgumentParser) -> None:

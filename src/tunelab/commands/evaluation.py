@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tunelab.commands.base import Command
+from tunelab.commands.base import Command, Stopped
 
 OPTIONS = ("tasks", "baseline", "limit", "output", "data_dir", "split", "dataset", "format", "max_new_tokens",
            "batch_size", "export_manual")
@@ -85,3 +85,4 @@ class Board(Command):
         from tunelab.board.app import serve
 
         serve(args.runs, args.host, args.port)
+        raise Stopped

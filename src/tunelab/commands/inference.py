@@ -6,7 +6,7 @@ import contextlib
 import json
 from pathlib import Path
 
-from tunelab.commands.base import Command
+from tunelab.commands.base import Command, Stopped
 from tunelab.errors import TunelabError, did_you_mean
 
 TARGET_HELP = "run folder, adapter or model folder, Hub id, .gguf file, or `embedded`"
@@ -244,6 +244,7 @@ def _serve(args) -> None:
           f"{', '.join([args.target, *adapters])}", flush=True)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        raise Stopped
     finally:
         engine.close()
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tunelab.commands.base import Command, Group
+from tunelab.commands.base import Command, Group, Stopped
 
 DB_HELP = "review database: a SQLite file path or URL, or postgresql://user@host/db (default: $TUNELAB_REVIEW_DB or review.db)"
 
@@ -90,6 +90,7 @@ def _serve(args) -> None:
     app = create_app(_store(args))
     print(f"review app on http://{args.host}:{args.port}/  (admin view: /admin; Ctrl-C stops)")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    raise Stopped
 
 
 def _report(args) -> None:
@@ -113,8 +114,9 @@ def _export(args) -> None:
 class _Sub(Command):
     """A review subcommand: every one takes --db."""
 
-    def __init__(self, name: str, help_text: str, func, arguments=None):
+    def __init__(self, name: str, help_text: str, func, arguments=None, interrupted: str = Command.interrupted):
         self.name, self.help, self._func, self._arguments = name, help_text, func, arguments
+        self.interrupted = interrupted
 
     def arguments(self, parser) -> None:
         parser.add_argument("--db", default=os.environ.get("TUNELAB_REVIEW_DB", "review.db"), help=DB_HELP)
@@ -191,7 +193,7 @@ class Review(Group):
              lambda p: p.add_argument("name")),
         _Sub("add-task", "add items: generate outputs for a prompts file, or --import outputs", _add_task,
              _task_arguments),
-        _Sub("serve", "run the review web app", _serve, _serve_arguments),
+        _Sub("serve", "run the review web app", _serve, _serve_arguments, interrupted="review app stopped"),
         _Sub("report", "per-model and per-item scores, agreement, outlying reviewers: HTML report with plots",
              _report, _report_arguments),
         _Sub("export", "write training data from the reviews: preference pairs, full rankings or ratings", _export,

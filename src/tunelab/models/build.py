@@ -144,9 +144,11 @@ def build_model(source: ModelSource, tokenizer, *, dtype: torch.dtype | str, ada
                   trust_remote_code=trust_remote_code, quantization_config=quantization, **model_kwargs)
     if quantization is not None and has_cuda():
         kwargs["device_map"] = {"": torch.cuda.current_device()}
+    from safetensors import SafetensorError
+
     try:
         model = auto_class.from_pretrained(source.path, **kwargs)
-    except OSError as err:
+    except (OSError, SafetensorError) as err:  # SafetensorError: a weights file cut short or not safetensors
         raise TunelabError(f"model.name: cannot load weights from {source.path}: {err}") from None
     fit_embeddings(model, tokenizer, saved_embedding_rows(source.adapter) if adapter != "ignore" else None)
     if source.adapter is not None and adapter != "ignore":

@@ -34,6 +34,7 @@ def run(cfg: EvalRunConfig) -> RunResult:
     target's and the baseline's outputs, to manual.jsonl (`tunelab review add-task --import`).
     """
     start = time.time()
+    check_target(cfg.target)
     run_dir = run_folder(cfg.target)
     out = output_dir(cfg.output, run_dir)
     data_dir = Path(cfg.data_dir) if cfg.data_dir else None
@@ -66,6 +67,16 @@ def format_results(results: dict) -> str:
     from tunelab.tracking.stat_tables import format_eval
 
     return format_eval(results)
+
+
+def check_target(target: str) -> None:
+    """A target that can only be a local path must exist (else the rows check would ask for
+    --dataset, as if the folder were there but no run folder)."""
+    from tunelab.models.loading import looks_like_path
+
+    path = Path(target).expanduser()
+    if looks_like_path(target) and not path.exists():
+        raise TunelabError(f"target: no such folder {target} ({path.absolute()} does not exist)")
 
 
 def run_folder(target: str) -> Path | None:
