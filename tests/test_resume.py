@@ -134,6 +134,29 @@ def test_a_run_that_validated_at_its_last_step_resumes_at_its_end_without_a_seco
     assert_same_end(_run(tmp_path, tiny_model_dir, task_dir, "train.eval_every=4", "train.resume=true").run_dir, straight)
 
 
+def test_a_run_resumed_between_log_steps_logs_the_losses_of_the_uninterrupted_run(
+        tmp_path, tiny_model_dir, task_dir, monkeypatch):
+    """Checkpoints every step, logs every second: the loss summed since the last log used to live in
+    memory only, so the run resumed from checkpoint-3 logged step 4's loss as the mean of step 4 alone."""
+    from transformers import Trainer
+
+    extra = ("train.save_every=1", "train.logging_steps=2")
+    straight = _run(tmp_path / "straight", tiny_model_dir, task_dir, *extra).run_dir
+    save = Trainer._save_optimizer_and_scheduler
+
+    def killed_while_saving_step_4(self, output_dir):
+        if self.state.global_step == 4:
+            raise Killed
+        return save(self, output_dir)
+
+    monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", killed_while_saving_step_4)
+    with pytest.raises(Killed):
+        _run(tmp_path, tiny_model_dir, task_dir, *extra)
+    monkeypatch.undo()
+    assert lifecycle.last_checkpoint(tmp_path / "run").name == "checkpoint-3"
+    assert_same_end(_run(tmp_path, tiny_model_dir, task_dir, *extra, "train.resume=true").run_dir, straight)
+
+
 def test_resume_without_a_complete_checkpoint_says_so(tmp_path, tiny_model_dir, task_dir):
     (tmp_path / "run" / "checkpoints" / "checkpoint-2").mkdir(parents=True)  # cut short: no marker
     with pytest.raises(TunelabError, match="no complete checkpoint"):

@@ -47,9 +47,16 @@ class MetricsCallback(TrainerCallback):
 
 
 class CheckpointMarker(TrainerCallback):
-    """Marks checkpoint-N complete (`CHECKPOINT_DONE`) once transformers has written all of it:
+    """Logs at every checkpoint step, and marks checkpoint-N complete (`CHECKPOINT_DONE`) once transformers has written all of it:
     on_save comes after `Trainer._save_checkpoint`, whose writes are collective under several
     processes, so the main process marks it alone."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        """A checkpoint step is also a log step. transformers keeps the training loss summed since the
+        last log in memory only, so a run resumed from a checkpoint between two log steps would next
+        log the mean of the resumed steps alone; logged first, the sum is in the records instead."""
+        if control.should_save:
+            control.should_log = True
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
