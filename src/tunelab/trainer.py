@@ -137,7 +137,8 @@ class TunelabTrainer(Trainer):
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         if "loss" in logs:  # the loop has just read the loss: the GPU is idle, the flag and events are ready
-            self.check_finite("logging it")
+            saving = self.control.should_save  # a checkpoint step is also a log step (CheckpointMarker)
+            self.check_finite(f"writing checkpoint-{self.state.global_step}" if saving else "logging it")
             self.clock.collect()
         super().log(logs, *args, **kwargs)
 
