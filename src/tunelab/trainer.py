@@ -59,7 +59,8 @@ class TunelabTrainer(Trainer):
             f"{metric_key_prefix}_perplexity": result["perplexity"],
             f"{metric_key_prefix}_tokens": result["tokens"],
         }
-        for name, (total, count) in sums.items() if parts else ():
+        for name in parts:
+            total, count = sums[name]
             metrics[f"{metric_key_prefix}_loss_{name}"] = summarize(total.item(), count.item())["loss"]
         if self.is_in_train and self.generation:
             metrics.update({f"{metric_key_prefix}_{k}": v for k, v in self.generation_scores().items()})

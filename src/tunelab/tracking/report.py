@@ -182,8 +182,6 @@ def write_kfold_report(result: dict) -> Path:
 
 # ---- evaluation (`tunelab eval`): the target model against a baseline, per task metric ----
 
-
-
 def _eval_tasks(predictions: list[dict]) -> list[dict]:
     """Per task, the first MAX_SAMPLES rows: prompt, reference, and both models' answers."""
     by_task: dict[str, dict[str, list[dict]]] = {}
