@@ -59,6 +59,14 @@ def test_an_unreachable_hub_fails_a_model_id_at_once_unless_it_is_cached(tmp_pat
     assert not constants.HF_HUB_OFFLINE
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, name: str(tmp_path / "config.json"))
     assert resolve("someone/model").path == "someone/model" and constants.is_offline_mode()  # read from the cache
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, name: None)
+    adapter = tmp_path / "run" / "adapter"  # a LoRA run on a Hub base: the same check, naming the run
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text('{"base_model_name_or_path": "someone/model"}')
+    with pytest.raises(TunelabError, match=r"model.name: the base model of .*adapter: someone/model is a Hugging "
+                                           r"Face Hub id, .* not in the local cache"):
+        resolve(str(tmp_path / "run"))
 
 
 def test_generate_on_a_missing_run_folder_says_so(tmp_path, monkeypatch, capsys):

@@ -45,16 +45,16 @@ def go_offline() -> None:
     datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
 
 
-def model_or_cache(name: str) -> None:
+def model_or_cache(name: str, what: str = "model.name") -> None:
     """Let a Hub model id load: the Hub answers, or its config is cached (then read offline); else an
-    error naming model.name and the local choices."""
+    error naming `what` (the setting that led to it) and the local choices."""
     if reachable():
         return
     from huggingface_hub import constants, try_to_load_from_cache
 
     if not isinstance(try_to_load_from_cache(name, "config.json"), str):
         raise TunelabError(
-            f"model.name: {name} is a Hugging Face Hub id, but {constants.ENDPOINT} cannot be reached and it is "
+            f"{what}: {name} is a Hugging Face Hub id, but {constants.ENDPOINT} cannot be reached and it is "
             "not in the local cache; use model.name=embedded (the packaged SmolLM2-135M-Instruct), a .gguf file "
             "or a local model folder")
     log.info("%s cannot be reached: %s is read from the local cache", constants.ENDPOINT, name)

@@ -17,6 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from tunelab import hub
 from tunelab.errors import TunelabError
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,8 @@ def resolve(name: str) -> ModelSource:
             import json
 
             base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+            if base.count("/") == 1 and not looks_like_path(base):
+                hub.model_or_cache(base, what=f"model.name: the base model of {path}")
             return ModelSource(base, adapter=path)
         if not (path / "config.json").is_file():
             raise TunelabError(f"model.name: folder {name} holds no config.json, adapter/ or model/")
@@ -126,8 +129,6 @@ def resolve(name: str) -> ModelSource:
     if looks_like_path(name):
         raise TunelabError(f"model.name: no such folder {name} ({path.absolute()} does not exist)")
     if name.count("/") == 1:
-        from tunelab import hub
-
         hub.model_or_cache(name)
         return ModelSource(name)  # a Hub id
     raise TunelabError(
