@@ -1041,7 +1041,7 @@ def browser_checks(url, tokens, rankings) -> None:
         return
     from playwright.sync_api import sync_playwright
 
-    from tests.test_review_browser import _attacker_site, _auto_submit
+    from tests.test_review_browser import _auto_submit, open_attacks
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
@@ -1057,11 +1057,7 @@ def browser_checks(url, tokens, rankings) -> None:
             forged = {s.get_attribute("name"): "1" for s in page.query_selector_all("select[data-label]")}
             before = rankings()
             attacks = {"/review": _auto_submit(target, forged), "/login": _auto_submit(f"{url}/login", {"token": tokens["r1"]})}
-            with _attacker_site(attacks) as evil:
-                for path in attacks:
-                    page.goto(evil + path, wait_until="commit")
-                    page.wait_for_url(f"{url}/**")
-                    page.wait_for_load_state()
+            open_attacks(page, url, attacks)
             after = rankings()
             record(3, "Chromium, signed in: a page on another port of 127.0.0.1 auto-submits a review -> nothing saved",
                    after == before, f"rankings {before} -> {after}")

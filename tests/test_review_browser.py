@@ -132,6 +132,16 @@ def _auto_submit(action: str, fields: dict[str, str]) -> str:
     return f'<form method="post" action="{action}">{inputs}</form><script>document.forms[0].submit()</script>'
 
 
+def open_attacks(page, url: str, attacks: dict[str, str]) -> None:
+    """Open each attacker page (path → HTML, served on another port) in the signed-in tab, and wait
+    until its form has posted to the app at `url` and the answer has loaded."""
+    with _attacker_site(attacks) as evil:
+        for path in attacks:
+            page.goto(evil + path, wait_until="commit")
+            page.wait_for_url(f"{url}/**")
+            page.wait_for_load_state()
+
+
 def test_forms_from_another_port_change_nothing(browser, tmp_path):
     """The probe's attacks: a page on another port of 127.0.0.1 auto-submits a review into the
     signed-in reviewer's session, then signs the browser in as another reviewer (login CSRF)."""
@@ -143,11 +153,7 @@ def test_forms_from_another_port_change_nothing(browser, tmp_path):
         target = page.url
         forged = {s.get_attribute("name"): "1" for s in page.query_selector_all("select[data-label]")}
         attacks = {"/review": _auto_submit(target, forged), "/login": _auto_submit(f"{url}/login", {"token": tokens["r2"]})}
-        with _attacker_site(attacks) as evil:
-            for path in attacks:
-                page.goto(evil + path, wait_until="commit")
-                page.wait_for_url(f"{url}/**")
-                page.wait_for_load_state()
+        open_attacks(page, url, attacks)
         with store.read() as s:
             assert s.scalars(select(Ranking)).all() == []
         page.goto(target)
